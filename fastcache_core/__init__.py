@@ -1,0 +1,22 @@
+"""FastCache for diffusers Diffusion Transformers: per-sample, fitted, batch-invariant block caching.
+
+    from fastcache_core import FastCacheConfig, CacheParams, apply_fastcache
+    cache = apply_fastcache(pipe.transformer, FastCacheConfig())
+    images = pipe(...).images
+    stats = cache.stats()
+    cache.remove()
+"""
+
+from fastcache_core.config import DEFAULT_PARAMS, METHODS, CacheParams, FastCacheConfig
+from fastcache_core.cache import FastCache, apply_fastcache
+from fastcache_core.stats import SampleStats
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "METHODS",
+    "CacheParams",
+    "FastCache",
+    "FastCacheConfig",
+    "SampleStats",
+    "apply_fastcache",
+]

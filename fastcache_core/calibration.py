@@ -1,0 +1,377 @@
+"""``calibrate(pipe, ...)``: fit FastCache's linear maps, block scales and defaults on real runs.
+
+1. Run the pipeline uncached on calibration prompts, recording every block's input and output per
+   step (and the stack's, and the first block's modulated input for TeaCache).
+2. For step pairs ``(t - k, t)`` with gaps ``k = 1..max_gap`` accumulate the normal equations of the
+   first-order map ``out(t) - out(t-k) ~ W (in(t) - in(t-k)) + k b`` per block, stream and schedule
+   phase; a held-out share of the runs only accumulates error statistics.
+3. Solve the ridge problems, measure held-out error of the fitted map against residual reuse (W = I)
+   and output reuse (W = 0), derive per-block tolerance scales and TeaCache's rescaling polynomial.
+4. Optionally sweep the tolerance on held-out prompts and store the largest one whose images stay
+   above ``target_psnr`` dB against the uncached images as the model's default.
+
+The result is saved as ``fastcache_calibration.safetensors`` next to the transformer, where
+``apply_fastcache`` finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastcache_core.adapters import adapter_for
+from fastcache_core.approx import (
+    CALIBRATION_FILENAME,
+    ApproximatorSet,
+    LinearApproximator,
+    NormalEquations,
+    phase_of,
+)
+
+
+@dataclass
+class _Recording:
+    """Activations of one uncached pipeline call: lists over steps of (rows, tokens, width) tensors."""
+
+    times: list[float] = field(default_factory=list)
+    blocks: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # "<name>.in" / "<name>.out"
+    modulated: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Recorder:
+    """Temporarily wraps a transformer's blocks to record inputs and outputs of every call."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.adapter = adapter_for(transformer)
+        self.transformer = transformer
+        self.blocks = self.adapter.blocks(transformer)
+        self.recording = _Recording()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_Recorder":
+        if getattr(self.transformer, "_fastcache", None) is not None:
+            raise RuntimeError("calibrate() records uncached runs: call .remove() on the FastCache handle first")
+        for index, block in enumerate(self.blocks):
+            block.forward = self._wrap(index, block.forward)
+        self._handles.append(self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        for handle in self._handles:
+            handle.remove()
+
+    def take(self) -> _Recording:
+        recording, self.recording = self.recording, _Recording()
+        return recording
+
+    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        import inspect
+
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        timestep = bound["timestep"]
+        t = timestep.reshape(-1)[:1] if torch.is_tensor(timestep) else torch.tensor([timestep])
+        self.recording.times.append(self.adapter.normalized_time(t)[0])
+
+    def _wrap(self, index: int, original: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = self.adapter.bind_call(original, args, kwargs)
+            image, text = self.adapter.split_streams(call)
+            output = original(*args, **kwargs)
+            out_image, out_text = self.adapter.output_to_streams(output)
+            rec = self.recording.blocks
+            rec.setdefault(f"block{index}.image.in", []).append(image.detach())
+            rec.setdefault(f"block{index}.image.out", []).append(out_image.detach())
+            if text is not None and out_text is not None:
+                rec.setdefault(f"block{index}.text.in", []).append(text.detach())
+                rec.setdefault(f"block{index}.text.out", []).append(out_text.detach())
+            if index == 0:
+                rec.setdefault("stack.image.in", []).append(image.detach())
+                try:
+                    self.recording.modulated.append(
+                        self.adapter.modulated_input(self.blocks[0], call, image).detach())
+                except (NotImplementedError, KeyError, AttributeError):
+                    pass
+            if index == len(self.blocks) - 1:
+                rec.setdefault("stack.image.out", []).append(out_image.detach())
+            return output
+
+        return forward
+
+
+@dataclass
+class CalibrationReport:
+    """Held-out fit quality and what the calibration chose.
+
+    ``errors[name]`` maps ``fitted``/``identity``/``output_reuse`` to the held-out sum of squared errors
+    of the predicted output change, over all phases; lower is better.
+    """
+
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    block_scales: list[list[float]] = field(default_factory=list)
+    teacache_coefficients: list[float] = field(default_factory=list)
+    default_params: dict[str, Any] = field(default_factory=dict)
+    tolerance_sweep: list[dict[str, float]] = field(default_factory=list)
+    samples: int = 0
+
+    def summary(self) -> dict[str, float]:
+        """Held-out error totals over every map: fitted vs residual reuse (W = I) vs output reuse (W = 0)."""
+        totals = {"fitted": 0.0, "identity": 0.0, "output_reuse": 0.0}
+        for errors in self.errors.values():
+            for key in totals:
+                totals[key] += errors[key]
+        return totals
+
+
+def pipeline_inputs(pipe: Any, prompts: Sequence[Any]) -> dict[str, Any]:
+    """Keyword arguments that ask ``pipe`` for ``prompts`` (class labels for DiT, text otherwise)."""
+    if type(pipe).__name__ == "DiTPipeline":
+        labels = []
+        for p in prompts:
+            if isinstance(p, int) or (isinstance(p, str) and p.isdigit()):
+                labels.append(int(p))
+            else:
+                labels.extend(pipe.get_label_ids([p]))
+        return {"class_labels": labels}
+    return {"prompt": list(prompts)}
+
+
+def default_prompts(pipe: Any, count: int) -> list[Any]:
+    """Calibration prompts when none are given: every class label in turn for class-conditional models."""
+    if type(pipe).__name__ == "DiTPipeline":
+        ids = sorted(set(pipe.labels.values())) or list(range(pipe.transformer.config.num_embeds_ada_norm))
+        return [ids[i % len(ids)] for i in range(count)]
+    raise ValueError("calibrate() needs prompts for text-conditioned pipelines")
+
+
+def _accumulate(recording: _Recording, num_phases: int, max_gap: int,
+                equations: dict[tuple[str, int], NormalEquations], scale_sums: np.ndarray,
+                scale_counts: np.ndarray, tea_points: list[tuple[float, float]]) -> None:
+    steps = len(recording.times)
+    phases = [phase_of(t, num_phases) for t in recording.times]
+    names = sorted({key.rsplit(".", 1)[0] for key in recording.blocks})
+    for name in names:
+        ins, outs = recording.blocks[f"{name}.in"], recording.blocks[f"{name}.out"]
+        if len(ins) != steps:
+            continue
+        width = ins[0].shape[-1]
+        for t in range(1, steps):
+            for gap in range(1, min(max_gap, t) + 1):
+                delta_in = (ins[t] - ins[t - gap]).double()
+                target = (outs[t] - outs[t - gap]).double() - delta_in
+                eq = equations.setdefault((name, phases[t]), NormalEquations(width))
+                eq.add(delta_in, target, gap)
+            if name.startswith("block") and name.endswith(".image"):
+                block = int(name[len("block"):].split(".")[0])
+                prev = ins[t - 1].double()
+                change = (ins[t].double() - prev).flatten(1).norm(dim=1) / prev.flatten(1).norm(dim=1).clamp_min(1e-12)
+                scale_sums[block, phases[t]] += float(change.sum())
+                scale_counts[block, phases[t]] += change.numel()
+    outs = recording.blocks.get("stack.image.out", [])
+    for t in range(1, min(len(recording.modulated), len(outs))):
+        m_prev, o_prev = recording.modulated[t - 1].double(), outs[t - 1].double()
+        x = float((recording.modulated[t].double() - m_prev).abs().sum() / m_prev.abs().sum().clamp_min(1e-12))
+        y = float((outs[t].double() - o_prev).abs().sum() / o_prev.abs().sum().clamp_min(1e-12))
+        tea_points.append((x, y))
+
+
+@torch.no_grad()
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[Any] | None = None,
+    *,
+    num_samples: int = 32,
+    batch_size: int = 8,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    num_phases: int = 3,
+    max_gap: int = 4,
+    ridge: float = 1e-3,
+    rank: int | None = None,
+    holdout_every: int = 4,
+    seed: int = 0,
+    tune_defaults: bool = True,
+    target_psnr: float = 30.0,
+    tolerances: Sequence[float] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6),
+    tune_samples: int = 8,
+    save_to: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[ApproximatorSet, CalibrationReport]:
+    """Fit FastCache's linear maps on uncached runs of ``pipe`` and save them next to its transformer.
+
+    Args:
+        prompts: calibration prompts (class labels or names for DiT); default: every label in turn.
+        num_samples: images generated for fitting (every ``holdout_every``-th batch is held out).
+        rank: store each correction in this rank (reduced-rank regression); ``None`` = full when the
+            width is at most 512, else 64.
+        tune_defaults: sweep ``tolerances`` on ``tune_samples`` fresh seeds and store the largest whose
+            mean PSNR against uncached images is at least ``target_psnr`` as the default tolerance.
+        save_to: file to write; default ``<transformer dir>/fastcache_calibration.safetensors`` when the
+            transformer was loaded from a directory. ``False``-y and no directory: not saved.
+
+    Returns the fitted ``ApproximatorSet`` and a ``CalibrationReport`` with held-out errors.
+    """
+    transformer = pipe.transformer
+    if prompts is None:
+        prompts = default_prompts(pipe, num_samples)
+    prompts = list(prompts)
+    call_args: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "pt"}
+    if guidance_scale is not None:
+        call_args["guidance_scale"] = guidance_scale
+    fit_eq: dict[tuple[str, int], NormalEquations] = {}
+    held_eq: dict[tuple[str, int], NormalEquations] = {}
+    num_blocks = len(adapter_for(transformer).blocks(transformer))
+    scale_sums = np.zeros((num_blocks, num_phases))
+    scale_counts = np.zeros((num_blocks, num_phases))
+    tea_points: list[tuple[float, float]] = []
+    batches = [prompts[i:i + batch_size] for i in range(0, min(num_samples, len(prompts)), batch_size)]
+    with _Recorder(transformer) as recorder:
+        for b, chunk in enumerate(tqdm(batches, desc="calibration runs", disable=not progress)):
+            generator = torch.Generator().manual_seed(seed + b)
+            pipe(**pipeline_inputs(pipe, chunk), generator=generator, **call_args)
+            recording = recorder.take()
+            held_out = holdout_every > 0 and b % holdout_every == holdout_every - 1
+            _accumulate(recording, num_phases, max_gap, held_eq if held_out else fit_eq,
+                        scale_sums, scale_counts, tea_points)
+    report = CalibrationReport(samples=sum(len(c) for c in batches))
+    maps: dict[str, LinearApproximator] = {}
+    names = sorted({name for name, _ in fit_eq})
+    for name in tqdm(names, desc="fitting maps", disable=not progress):
+        width = fit_eq[(name, next(p for n, p in fit_eq if n == name))].dim
+        use_rank = rank if rank is not None else (None if width <= 512 else 64)
+        corrections, us, vs, biases = [], [], [], []
+        errors = {"fitted": 0.0, "identity": 0.0, "output_reuse": 0.0}
+        for phase in range(num_phases):
+            eq = fit_eq.get((name, phase))
+            if eq is None or eq.count == 0:
+                coeffs, u, v = torch.zeros(width + 1, width, dtype=torch.float64), None, None
+                if use_rank is not None:
+                    u = torch.zeros(width, use_rank, dtype=torch.float64)
+                    v = torch.zeros(use_rank, width, dtype=torch.float64)
+            else:
+                coeffs, u, v = eq.solve(ridge, use_rank)
+            corrections.append(coeffs[:width])
+            biases.append(coeffs[width])
+            if u is not None:
+                us.append(u)
+                vs.append(v)
+            held = held_eq.get((name, phase))
+            if held is not None and held.count:
+                output_reuse = torch.zeros(width + 1, width, dtype=torch.float64)
+                output_reuse[:width] = -torch.eye(width, dtype=torch.float64)
+                errors["fitted"] += held.error(coeffs)
+                errors["identity"] += held.error(torch.zeros_like(coeffs))
+                errors["output_reuse"] += held.error(output_reuse)
+        report.errors[name] = errors
+        if us:
+            maps[name] = LinearApproximator(u=torch.stack(us).float(), v=torch.stack(vs).float(),
+                                            bias=torch.stack(biases).float())
+        else:
+            maps[name] = LinearApproximator(correction=torch.stack(corrections).float(),
+                                            bias=torch.stack(biases).float())
+    mean_change = scale_sums / np.maximum(scale_counts, 1)
+    overall = scale_sums.sum() / max(scale_counts.sum(), 1)
+    block_scales = torch.tensor(np.where(scale_counts > 0, mean_change / max(overall, 1e-12), 1.0), dtype=torch.float32)
+    report.block_scales = block_scales.tolist()
+    if len(tea_points) > 8:
+        x, y = np.array(tea_points).T
+        report.teacache_coefficients = [float(c) for c in np.polyfit(x, y, 4)]
+    metadata = {
+        "family": adapter_for(transformer).family,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "max_gap": max_gap,
+        "ridge": ridge,
+        "samples": report.samples,
+        "heldout_errors": report.summary(),
+    }
+    if report.teacache_coefficients:
+        metadata["teacache_coefficients"] = report.teacache_coefficients
+    approximators = ApproximatorSet(num_phases, maps, block_scales, metadata)
+    if tune_defaults:
+        best, sweep = _tune_tolerance(pipe, approximators, prompts, call_args, tolerances, target_psnr,
+                                      tune_samples, seed + 10_000, progress)
+        report.tolerance_sweep = sweep
+        report.default_params = {"tolerance": best}
+        metadata["default_params"] = report.default_params
+        metadata["tolerance_sweep"] = sweep
+        metadata["target_psnr"] = target_psnr
+    path = Path(save_to) if save_to else _default_save_path(transformer)
+    if path is not None:
+        approximators.save(path)
+    return approximators, report
+
+
+def _default_save_path(transformer: torch.nn.Module) -> Path | None:
+    source = getattr(transformer.config, "_name_or_path", None)
+    if source and Path(source).is_dir():
+        return Path(source) / CALIBRATION_FILENAME
+    return None
+
+
+def _tune_tolerance(pipe: Any, approximators: ApproximatorSet, prompts: list[Any], call_args: dict[str, Any],
+                    tolerances: Sequence[float], target_psnr: float, samples: int, seed: int,
+                    progress: bool) -> tuple[float, list[dict[str, float]]]:
+    """Largest tolerance whose mean PSNR vs. uncached images is at least ``target_psnr``."""
+    from fastcache_core.cache import apply_fastcache
+    from fastcache_core.config import CacheParams, FastCacheConfig
+    from fastcache_core.metrics import mean_finite, psnr
+
+    chunk = prompts[:samples]
+    inputs = pipeline_inputs(pipe, chunk)
+    reference = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images
+    sweep = []
+    best = min(tolerances)
+    for tolerance in tqdm(sorted(tolerances), desc="tolerance sweep", disable=not progress):
+        cache = apply_fastcache(pipe.transformer, FastCacheConfig(calibration=approximators,
+                                                                  params=CacheParams(tolerance=tolerance)))
+        try:
+            cache.set_run(num_steps=call_args["num_inference_steps"])
+            images = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images
+            stats = cache.stats()
+        finally:
+            cache.remove()
+        value = mean_finite(psnr(images, reference))
+        mac = float(np.mean([s.mac_fraction for s in stats]))
+        sweep.append({"tolerance": tolerance, "psnr_db": value, "mac_fraction": mac})
+        if value >= target_psnr and tolerance > best:
+            best = tolerance
+    return best, sweep
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fastcache_core.calibration --model DIR``: calibrate a local pipeline directory."""
+    import argparse
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    parser = argparse.ArgumentParser(description="Fit FastCache's linear maps for a local diffusers pipeline.")
+    parser.add_argument("--model", required=True, help="pipeline directory (the calibration is saved in its transformer/)")
+    parser.add_argument("--prompts", nargs="*", help="calibration prompts (labels for DiT); default: every label")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--target-psnr", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = DiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    _, report = calibrate(pipe, args.prompts, num_samples=args.samples, batch_size=args.batch_size,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                          target_psnr=args.target_psnr)
+    print(json.dumps({"heldout_errors": report.summary(), "default_params": report.default_params,
+                      "tolerance_sweep": report.tolerance_sweep}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Configuration: model-level ``FastCacheConfig`` and per-request ``CacheParams``.
+
+``CacheParams`` field names are the ones the HTTP API exposes. A field left as ``None`` takes the
+model's calibrated default (stored with the calibration next to the model), else the library
+default in ``DEFAULT_PARAMS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastcache_core.approx import ApproximatorSet
+
+METHODS = ("none", "fastcache", "teacache", "fbcache")
+"""Per-sample methods the cache runs itself. ``none`` computes everything; ``teacache`` and
+``fbcache`` are whole-stack reuse rules (TeaCache, First-Block-Cache) decided per sample."""
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """Cache settings of one request (one sample and its guidance pair).
+
+    Args:
+        method: ``"fastcache"`` (the default), ``"none"``, or a per-sample peer: ``"teacache"``,
+            ``"fbcache"``.
+        tolerance: tau, the relative change of a block's input that counts as noise. A block is
+            reused while the chi-square test accepts that its input moved by no more than tau since
+            it was last computed. ``0`` computes every block. For ``teacache`` and ``fbcache`` it is
+            their threshold (accumulated rescaled change, first-block residual change). Range [0, 1].
+        significance: alpha, the significance level of the chi-square test: the probability of
+            recomputing a block whose change really is noise of scale tau. Range (0, 0.5].
+        motion_threshold: spatial token selection. A token whose relative change since the previous
+            step is below this value is *static*: it skips the blocks and takes the fitted linear
+            path. ``0`` disables token selection. Range [0, 1].
+        motion_fraction: alternative to ``motion_threshold``: compute exactly this fraction of the
+            image tokens (the most salient ones). ``None`` or ``1`` disables it. Range (0, 1].
+        merge_ratio: k-NN density token merging: fraction of the computed image tokens merged into
+            their nearest neighbour before the blocks and unmerged after. ``0`` disables it.
+            Range [0, 0.9].
+        max_skip_steps: the most consecutive steps a block (or a static token) may be reused before a
+            real compute is forced. Range [1, 100].
+    """
+
+    method: str | None = None
+    tolerance: float | None = None
+    significance: float | None = None
+    motion_threshold: float | None = None
+    motion_fraction: float | None = None
+    merge_ratio: float | None = None
+    max_skip_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        _check_range("tolerance", self.tolerance, 0.0, 1.0)
+        _check_range("significance", self.significance, 0.0, 0.5, low_open=True)
+        _check_range("motion_threshold", self.motion_threshold, 0.0, 1.0)
+        _check_range("motion_fraction", self.motion_fraction, 0.0, 1.0, low_open=True)
+        _check_range("merge_ratio", self.merge_ratio, 0.0, 0.9)
+        if self.max_skip_steps is not None and not (1 <= int(self.max_skip_steps) <= 100):
+            raise ValueError(f"max_skip_steps must be in [1, 100]; got {self.max_skip_steps}")
+
+    def resolved(self, defaults: "CacheParams | None" = None) -> "CacheParams":
+        """Fill every ``None`` field from ``defaults`` then from ``DEFAULT_PARAMS``."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and defaults is not None:
+                value = getattr(defaults, f.name)
+            if value is None:
+                value = getattr(DEFAULT_PARAMS, f.name)
+            values[f.name] = value
+        return CacheParams(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CacheParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}]; got {value}")
+
+
+DEFAULT_PARAMS = CacheParams(
+    method="fastcache",
+    tolerance=0.1,
+    significance=0.05,
+    motion_threshold=0.0,
+    motion_fraction=1.0,
+    merge_ratio=0.0,
+    max_skip_steps=4,
+)
+"""Library defaults, used where neither the request nor the model's calibration sets a value."""
+
+
+@dataclass
+class FastCacheConfig:
+    """Model-level FastCache configuration, in the style of diffusers' cache configs.
+
+    Args:
+        enabled: when ``False`` every block is computed (the cache still counts steps). Default ``True``.
+        params: default ``CacheParams`` for samples that bring none (plain pipeline calls). Fields left
+            ``None`` take the calibrated defaults. Default: all ``None``.
+        first_steps: number of initial denoising steps of each sample that always compute every block
+            and token; the early trajectory sets the image layout. Default ``2``.
+        last_steps: number of final steps that always compute, when the sample's step count is known
+            (given by a batch runner or ``FastCache.set_run``). Default ``1``.
+        accumulation_limit: bound on the sum of the relative input changes over consecutive reuses of a
+            block, in units of that block's tolerance; passing it forces a compute so error cannot
+            drift. Default ``3.0``.
+        calibration: path of a calibration file (or a loaded ``ApproximatorSet``); ``None`` looks for
+            ``fastcache_calibration.safetensors`` in the directory the transformer was loaded from.
+            Default ``None``.
+        use_calibration: set ``False`` to ignore any calibration file and use residual reuse
+            (W = I) with unit block scales. Default ``True``.
+        token_granularity: computed-token counts are rounded up to a multiple of this (``None``:
+            1/16 of the image tokens) so samples with similar counts share a batched block call.
+        knn_neighbors: k of the k-NN density used for token merging. Default ``5``.
+    """
+
+    enabled: bool = True
+    params: CacheParams = field(default_factory=CacheParams)
+    first_steps: int = 2
+    last_steps: int = 1
+    accumulation_limit: float = 3.0
+    calibration: "str | Path | ApproximatorSet | None" = None
+    use_calibration: bool = True
+    token_granularity: int | None = None
+    knn_neighbors: int = 5
+
+    def __post_init__(self) -> None:
+        if self.first_steps < 0 or self.last_steps < 0:
+            raise ValueError("first_steps and last_steps must be >= 0")
+        if self.accumulation_limit <= 0:
+            raise ValueError("accumulation_limit must be > 0")
+        if self.knn_neighbors < 1:
+            raise ValueError("knn_neighbors must be >= 1")
+
+    def with_params(self, **changes: Any) -> "FastCacheConfig":
+        """A copy whose default ``params`` has ``changes`` applied."""
+        return replace(self, params=replace(self.params, **changes))

@@ -1,0 +1,91 @@
+"""Per-sample counters and the block cost model behind the estimated-MACs figures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class SampleStats:
+    """What the cache did for one sample (one request image and its guidance pair).
+
+    Block counts are per sample, not per guidance row: a block reused by both rows of a pair counts
+    once. MACs count both rows and include the cost of the linear approximations.
+    """
+
+    sample_id: Any = None
+    method: str = "fastcache"
+    params: dict = field(default_factory=dict)
+    approximator: str = "identity"
+    steps: int = 0
+    blocks_computed: int = 0
+    blocks_approximated: int = 0
+    tokens_computed: int = 0
+    tokens_total: int = 0
+    macs_computed: float = 0.0
+    macs_full: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of block evaluations served by the cache."""
+        total = self.blocks_computed + self.blocks_approximated
+        return self.blocks_approximated / total if total else 0.0
+
+    @property
+    def tokens_computed_fraction(self) -> float:
+        """Share of image-token block evaluations that really ran (after token selection and merging)."""
+        return self.tokens_computed / self.tokens_total if self.tokens_total else 1.0
+
+    @property
+    def mac_fraction(self) -> float:
+        """Estimated transformer-block MACs spent, as a fraction of the uncached run."""
+        return self.macs_computed / self.macs_full if self.macs_full else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            cache_hit_rate=self.cache_hit_rate,
+            tokens_computed_fraction=self.tokens_computed_fraction,
+            mac_fraction=self.mac_fraction,
+        )
+        return data
+
+
+class BlockCostModel:
+    """Multiply-accumulates of one block on one row as a function of its image-token count.
+
+    Measured, not assumed: the block runs under ``torch.utils.flop_counter.FlopCounterMode`` on one row
+    with ``n``, ``n/2`` and ``n/4`` image tokens and a quadratic ``a + b*n + c*n^2`` is fitted (linear
+    layers are linear in ``n``, attention quadratic). Measured once per block and input shape.
+    """
+
+    def __init__(self) -> None:
+        self._coefficients: dict[tuple, tuple[float, float, float]] = {}
+
+    def macs(self, key: tuple, tokens: int, measure: Callable[[int], float], full_tokens: int) -> float:
+        coeffs = self._coefficients.get(key)
+        if coeffs is None:
+            coeffs = self._fit(measure, full_tokens)
+            self._coefficients[key] = coeffs
+        a, b, c = coeffs
+        return a + b * tokens + c * tokens * tokens
+
+    @staticmethod
+    def _fit(measure: Callable[[int], float], full_tokens: int) -> tuple[float, float, float]:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        points = sorted({max(1, full_tokens // 4), max(1, full_tokens // 2), full_tokens})
+        values = []
+        for n in points:
+            with FlopCounterMode(display=False) as counter:
+                measure(n)
+            values.append(counter.get_total_flops() / 2.0)
+        if len(points) < 3:  # tiny token counts: a linear model is all the points allow
+            b = values[-1] / points[-1]
+            return 0.0, b, 0.0
+        design = torch.tensor([[1.0, n, n * n] for n in points], dtype=torch.float64)
+        solution = torch.linalg.solve(design, torch.tensor(values, dtype=torch.float64))
+        return tuple(float(v) for v in solution)  # type: ignore[return-value]

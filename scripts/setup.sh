@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for this project: system packages (Redis), a virtualenv in .venv with the
+# CPU build of torch, and the project with its test extras. Safe to run again: it skips what exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PYTHON" >&2
+  "$PYTHON" -m venv .venv
+fi
+STAMP=.venv/.fastcache-setup
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "setup: installing torch==2.13.0 (CPU) and the project" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  # the CPU build first: a bare 'torch' requirement would pull a multi-GB CUDA build
+  .venv/bin/python -m pip install -q torch==2.13.0
+  .venv/bin/python -m pip install -q -e ".[test]"
+  touch "$STAMP"
+fi

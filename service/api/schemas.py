@@ -1,0 +1,126 @@
+"""Request and response bodies (pydantic). Field names are the public contract of the API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fastcache_core import METHODS
+
+CacheMethod = Literal[METHODS]  # type: ignore[valid-type]
+
+
+class CacheSettings(BaseModel):
+    """Per-request cache settings; omitted fields take the model's calibrated defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    method: CacheMethod | None = Field(None, description="fastcache (default), none, teacache or fbcache")
+    tolerance: float | None = Field(None, ge=0.0, le=1.0, description="tau: relative change treated as noise; 0 computes everything")
+    significance: float | None = Field(None, gt=0.0, le=0.5, description="alpha of the chi-square test")
+    motion_threshold: float | None = Field(None, ge=0.0, le=1.0, description="relative token change below which a token is static; 0 = off")
+    motion_fraction: float | None = Field(None, gt=0.0, le=1.0, description="compute exactly this share of tokens instead of thresholding")
+    merge_ratio: float | None = Field(None, ge=0.0, le=0.9, description="share of computed tokens merged by k-NN density; 0 = off")
+    max_skip_steps: int | None = Field(None, ge=1, le=100, description="consecutive reuses before a forced compute")
+
+
+class GenerationFields(BaseModel):
+    """Fields shared by /generate and /v1/jobs (and accepted as extras by the OpenAI route)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    negative_prompt: str | None = Field(None, max_length=2000, description="what to steer away from (text models)")
+    steps: int | None = Field(None, ge=1, le=200, description="denoising steps; default: the model's")
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="classifier-free guidance; default: the model's")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the first image (image i uses seed + i); random if omitted")
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    timeout_seconds: float | None = Field(None, gt=0, le=3600, description="deadline; past it the request fails with 504")
+
+
+class GenerateRequest(GenerationFields):
+    """Body of ``POST /generate`` and ``POST /v1/jobs``."""
+
+    prompt: str = Field(min_length=1, max_length=2000,
+                        description="text, or for a class-conditional model a label name or id such as \"seven\" or \"7\"")
+    n: int = Field(1, ge=1, le=8, description="images to generate")
+    width: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
+    height: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class ImageStats(BaseModel):
+    queue_wait_seconds: float
+    compute_seconds: float
+    steps: int
+    batch_sizes: list[int] = Field(description="images in the batch at each of this image's steps")
+    blocks_computed: int
+    blocks_approximated: int
+    tokens_computed_fraction: float
+    cache_hit_rate: float
+    mac_fraction: float = Field(description="estimated transformer MACs spent relative to uncached")
+    method: str
+    cache: dict[str, Any] = Field(description="the cache settings the image ran with, defaults filled in")
+    approximator: str
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str = Field(description="the image, base64-encoded in output_format")
+    seed: int
+    stats: ImageStats
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    created: int
+    output_format: str
+    images: list[GeneratedImage]
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    created: int
+    steps_done: int
+    result: GenerateResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+class OpenAIImageRequest(GenerationFields):
+    """Body of ``POST /v1/images/generations``: the OpenAI Images API plus our generation fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=8)
+    size: str | None = Field(None, pattern=r"^(auto|\d{1,4}x\d{1,4})$", description="WIDTHxHEIGHT or auto")
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+    stats: ImageStats
+
+
+class OpenAIImageResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: str
+    size: str

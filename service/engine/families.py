@@ -1,0 +1,436 @@
+"""Per-family request preparation, batched transformer step and decoding for the serving engine.
+
+A ``FamilyRunner`` turns one requested image into a ``Sample`` (its own latents, scheduler, seed and
+conditioning rows), runs one transformer forward for any set of samples (each at its own timestep,
+with its own guidance scale) and decodes finished samples. It reuses the pipeline's own helpers
+(text encoders, latent packing, VAE) so results match what the diffusers pipeline would compute.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Hashable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastcache_core import CacheParams, FastCache
+
+
+class InvalidField(ValueError):
+    """A request field the model cannot serve; ``field`` names it for the 422 response."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class ModelLimits:
+    """What a model serves: defaults and the sizes it supports."""
+
+    family: str
+    default_steps: int
+    default_guidance_scale: float
+    default_width: int
+    default_height: int
+    size_multiple: int
+    min_size: int
+    max_size: int
+    supports_negative_prompt: bool
+    labels: dict[str, int] | None = None  # class-conditional models: label name -> id
+    num_classes: int | None = None  # class-conditional models: ids are in [0, num_classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelLimits":
+        return cls(**data)
+
+
+@dataclass
+class GenerationSpec:
+    """The model-facing part of a request (already validated by the API)."""
+
+    prompt: str
+    negative_prompt: str | None
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    cache: CacheParams
+
+
+@dataclass
+class Sample:
+    """One image being denoised: its own latents, scheduler and conditioning rows."""
+
+    sample_id: Hashable
+    spec: GenerationSpec
+    latents: torch.Tensor
+    scheduler: Any
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.scheduler.timesteps)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.scheduler.timesteps[self.step]
+
+
+def resolve_label(limits: ModelLimits, prompt: str) -> int:
+    """Class id of a class-conditional prompt: a label name (``"seven"``) or an id (``"7"``)."""
+    text = prompt.strip()
+    valid_ids = sorted(set(limits.labels.values())) if limits.labels else None
+    if text.isdigit():
+        value = int(text)
+        if valid_ids is not None and value not in valid_ids:
+            raise InvalidField("prompt", f"unknown class id {value}; valid ids: {valid_ids}")
+        if limits.num_classes is not None and not 0 <= value < limits.num_classes:
+            raise InvalidField("prompt", f"class id must be in [0, {limits.num_classes})")
+        return value
+    if limits.labels and text in limits.labels:
+        return limits.labels[text]
+    names = ", ".join(sorted(limits.labels, key=limits.labels.get)) if limits.labels else "class ids only"
+    raise InvalidField("prompt", f"this class-conditional model takes a label name or id; "
+                                 f"{text[:40]!r} is not one of: {names}")
+
+
+def validate_spec(limits: ModelLimits, spec: GenerationSpec) -> None:
+    """Check a request against what the model serves; raises ``InvalidField`` naming the field."""
+    for name, value in (("width", spec.width), ("height", spec.height)):
+        if value % limits.size_multiple or not limits.min_size <= value <= limits.max_size:
+            raise InvalidField(name, f"{name} must be a multiple of {limits.size_multiple} in "
+                                     f"[{limits.min_size}, {limits.max_size}] for this model; got {value}")
+    if spec.negative_prompt and not limits.supports_negative_prompt:
+        raise InvalidField("negative_prompt", f"this {limits.family} model takes no negative prompt")
+    if limits.family == "dit":
+        resolve_label(limits, spec.prompt)
+
+
+class FamilyRunner:
+    """Base runner; subclasses fill in the family specifics."""
+
+    family = "generic"
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.transformer = pipe.transformer
+
+    # -- what the model serves
+    def limits(self) -> ModelLimits:
+        raise NotImplementedError
+
+    def compat_key(self, spec: GenerationSpec) -> tuple:
+        """Samples with equal keys can share a transformer forward."""
+        return (spec.width, spec.height)
+
+    def validate(self, spec: GenerationSpec) -> None:
+        validate_spec(self.limits(), spec)
+
+    # -- denoising
+    def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
+        raise NotImplementedError
+
+    def _scheduler(self, steps: int, **kwargs: Any) -> Any:
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(steps, device=self.device, **kwargs)
+        return scheduler
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    @torch.no_grad()
+    def forward(self, samples: list[Sample], cache: FastCache) -> list[torch.Tensor]:
+        """One transformer forward for all ``samples``; returns each sample's guided model output."""
+        rows: list[tuple[Hashable, int]] = []
+        latents, timesteps, conds = [], [], {}
+        for branch in (0, 1):
+            for s in samples:
+                cond = s.cond if branch == 0 else s.uncond
+                if cond is None:
+                    continue
+                rows.append((s.sample_id, branch))
+                x = s.latents
+                if hasattr(s.scheduler, "scale_model_input"):
+                    x = s.scheduler.scale_model_input(x, s.timestep)
+                latents.append(x)
+                timesteps.append(self.model_timestep(s))
+                for name, value in cond.items():
+                    conds.setdefault(name, []).append(value)
+        cache.bind(rows)
+        try:
+            output = self.call_transformer(torch.cat(latents), torch.cat(timesteps),
+                                           {k: torch.cat(v) for k, v in conds.items()}, samples[0])
+        finally:
+            cache.bind(None)
+        results = []
+        for s in samples:
+            out = output[rows.index((s.sample_id, 0))][None]
+            if s.uncond is not None:
+                uncond = output[rows.index((s.sample_id, 1))][None]
+                out = uncond + s.spec.guidance_scale * (out - uncond)
+            results.append(out)
+        return results
+
+    def model_timestep(self, sample: Sample) -> torch.Tensor:
+        return sample.timestep.reshape(1).to(self.device)
+
+    def call_transformer(self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor],
+                         first: Sample) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, sample: Sample, model_output: torch.Tensor) -> None:
+        sample.latents = sample.scheduler.step(model_output, sample.timestep, sample.latents).prev_sample
+        sample.step += 1
+
+    @torch.no_grad()
+    def decode(self, samples: list[Sample]) -> list[Image.Image]:
+        raise NotImplementedError
+
+    def _uses_guidance(self, spec: GenerationSpec) -> bool:
+        return spec.guidance_scale > 1.0
+
+
+class DiTRunner(FamilyRunner):
+    """Class-conditional DiT: the prompt is a label name or id; the null class 1000 is unconditional."""
+
+    family = "dit"
+    NULL_CLASS = 1000
+
+    def limits(self) -> ModelLimits:
+        cfg = self.transformer.config
+        vae_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        native = cfg.sample_size * vae_factor
+        multiple = cfg.patch_size * vae_factor
+        labels = dict(self.pipe.labels) if getattr(self.pipe, "labels", None) else None
+        # small (CPU) DiTs over-saturate at DiT-XL's guidance 4: 1.5 suits them
+        return ModelLimits("dit", 50, 1.5 if native <= 64 else 4.0, native, native, multiple, 2 * multiple,
+                           2 * native, False, labels, num_classes=cfg.num_embeds_ada_norm)
+
+    def compat_key(self, spec: GenerationSpec) -> tuple:
+        return (spec.width, spec.height)
+
+    def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
+        cfg = self.transformer.config
+        vae_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        shape = (1, cfg.in_channels, spec.height // vae_factor, spec.width // vae_factor)
+        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32)
+        latents = latents.to(self.device, self.dtype)
+        label = torch.tensor([resolve_label(self.limits(), spec.prompt)], device=self.device)
+        uncond = {"class_labels": torch.full_like(label, self.NULL_CLASS)} if self._uses_guidance(spec) else None
+        return Sample(sample_id, spec, latents, self._scheduler(spec.steps), {"class_labels": label}, uncond)
+
+    def model_timestep(self, sample: Sample) -> torch.Tensor:
+        return sample.timestep.reshape(1).to(self.device)
+
+    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
+        out = self.transformer(latents, timestep=timesteps, class_labels=conds["class_labels"]).sample
+        channels = self.transformer.config.in_channels
+        if self.transformer.config.out_channels // 2 == channels:
+            out = out[:, :channels]  # learned sigma: keep the noise prediction
+        return out
+
+    @torch.no_grad()
+    def decode(self, samples: list[Sample]) -> list[Image.Image]:
+        latents = torch.cat([s.latents for s in samples]) / self.pipe.vae.config.scaling_factor
+        images = (self.pipe.vae.decode(latents.to(self.pipe.vae.dtype)).sample / 2 + 0.5).clamp(0, 1)
+        return self.pipe.numpy_to_pil(images.cpu().permute(0, 2, 3, 1).float().numpy())
+
+
+class _TextRunner(FamilyRunner):
+    """Shared parts of the text-conditioned families."""
+
+    max_sequence_length = 120
+
+    def _vae_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def _postprocess(self, images: torch.Tensor) -> list[Image.Image]:
+        return self.pipe.image_processor.postprocess(images, output_type="pil")
+
+    def _text_length(self) -> int:
+        tokenizer = getattr(self.pipe, "tokenizer_2", None) or self.pipe.tokenizer
+        return min(self.max_sequence_length, int(getattr(tokenizer, "model_max_length", self.max_sequence_length)))
+
+
+class PixArtRunner(_TextRunner):
+    family = "pixart"
+
+    def limits(self) -> ModelLimits:
+        cfg = self.transformer.config
+        factor = self._vae_factor()
+        native = cfg.sample_size * factor
+        multiple = cfg.patch_size * factor
+        return ModelLimits("pixart", 20, 4.5, native, native, multiple, 2 * multiple, 2 * native, True)
+
+    def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
+        guidance = self._uses_guidance(spec)
+        embeds, mask, neg_embeds, neg_mask = self.pipe.encode_prompt(
+            spec.prompt, do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "",
+            device=self.device, max_sequence_length=self._text_length(),
+        )
+        factor = self._vae_factor()
+        shape = (1, self.transformer.config.in_channels, spec.height // factor, spec.width // factor)
+        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32).to(self.device, self.dtype)
+        scheduler = self._scheduler(spec.steps)
+        latents = latents * scheduler.init_noise_sigma
+        cond = {"encoder_hidden_states": embeds.to(self.dtype), "encoder_attention_mask": mask}
+        uncond = {"encoder_hidden_states": neg_embeds.to(self.dtype), "encoder_attention_mask": neg_mask} if guidance else None
+        if self.transformer.config.use_additional_conditions:
+            extra = {"resolution": torch.tensor([[spec.height, spec.width]], dtype=self.dtype, device=self.device),
+                     "aspect_ratio": torch.tensor([[spec.height / spec.width]], dtype=self.dtype, device=self.device)}
+            cond.update(extra)
+            if uncond is not None:
+                uncond.update(extra)
+        return Sample(sample_id, spec, latents, scheduler, cond, uncond)
+
+    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
+        added = {"resolution": conds.get("resolution"), "aspect_ratio": conds.get("aspect_ratio")}
+        out = self.transformer(latents, encoder_hidden_states=conds["encoder_hidden_states"],
+                               encoder_attention_mask=conds["encoder_attention_mask"], timestep=timesteps,
+                               added_cond_kwargs=added).sample
+        channels = self.transformer.config.in_channels
+        if self.transformer.config.out_channels // 2 == channels:
+            out = out.chunk(2, dim=1)[0]
+        return out
+
+    @torch.no_grad()
+    def decode(self, samples: list[Sample]) -> list[Image.Image]:
+        latents = torch.cat([s.latents for s in samples]) / self.pipe.vae.config.scaling_factor
+        return self._postprocess(self.pipe.vae.decode(latents.to(self.pipe.vae.dtype)).sample)
+
+
+class SD3Runner(_TextRunner):
+    family = "sd3"
+    max_sequence_length = 256
+
+    def limits(self) -> ModelLimits:
+        cfg = self.transformer.config
+        factor = self._vae_factor()
+        native = cfg.sample_size * factor
+        multiple = cfg.patch_size * factor
+        max_size = (cfg.pos_embed_max_size or cfg.sample_size) * factor
+        return ModelLimits("sd3", 28, 7.0, native, native, multiple, 2 * multiple, max_size, True)
+
+    def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
+        guidance = self._uses_guidance(spec)
+        embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=spec.prompt, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "",
+            max_sequence_length=self._text_length(),
+        )
+        factor = self._vae_factor()
+        shape = (1, self.transformer.config.in_channels, spec.height // factor, spec.width // factor)
+        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32).to(self.device, self.dtype)
+        kwargs = {}
+        if self.pipe.scheduler.config.get("use_dynamic_shifting", None):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            cfg = self.pipe.scheduler.config
+            seq = (shape[2] // self.transformer.config.patch_size) * (shape[3] // self.transformer.config.patch_size)
+            kwargs["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+        cond = {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
+        uncond = ({"encoder_hidden_states": neg_embeds.to(self.dtype), "pooled_projections": neg_pooled.to(self.dtype)}
+                  if guidance else None)
+        return Sample(sample_id, spec, latents, self._scheduler(spec.steps, **kwargs), cond, uncond)
+
+    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
+        return self.transformer(hidden_states=latents, timestep=timesteps,
+                                encoder_hidden_states=conds["encoder_hidden_states"],
+                                pooled_projections=conds["pooled_projections"]).sample
+
+    @torch.no_grad()
+    def decode(self, samples: list[Sample]) -> list[Image.Image]:
+        cfg = self.pipe.vae.config
+        latents = torch.cat([s.latents for s in samples]) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        return self._postprocess(self.pipe.vae.decode(latents.to(self.pipe.vae.dtype)).sample)
+
+
+class FluxRunner(_TextRunner):
+    """Flux: guidance-distilled (guidance enters as an embedding, no unconditional rows)."""
+
+    family = "flux"
+    max_sequence_length = 512
+
+    def limits(self) -> ModelLimits:
+        factor = self._vae_factor()
+        multiple = factor * 2  # latents are packed 2x2
+        return ModelLimits("flux", 28, 3.5, 64 * multiple, 64 * multiple, multiple, 2 * multiple, 128 * multiple, False)
+
+    def _uses_guidance(self, spec: GenerationSpec) -> bool:
+        return False
+
+    def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=spec.prompt, prompt_2=None, device=self.device,
+                                                           max_sequence_length=self._text_length())
+        channels = self.transformer.config.in_channels // 4
+        latents, image_ids = self.pipe.prepare_latents(1, channels, spec.height, spec.width, torch.float32,
+                                                       torch.device("cpu"), self._generator(spec.seed))
+        latents = latents.to(self.device, self.dtype)
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = self.pipe.scheduler.config
+        steps = spec.steps
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
+        cond = {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
+        if self.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((1,), spec.guidance_scale, device=self.device, dtype=torch.float32)
+        sample = Sample(sample_id, spec, latents, scheduler, cond, None)
+        sample.extra = {"txt_ids": text_ids.to(self.device), "img_ids": image_ids.to(self.device)}
+        return sample
+
+    def compat_key(self, spec: GenerationSpec) -> tuple:
+        return (spec.width, spec.height)
+
+    def model_timestep(self, sample: Sample) -> torch.Tensor:
+        return (sample.timestep.reshape(1) / 1000).to(self.device)
+
+    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
+        return self.transformer(hidden_states=latents, timestep=timesteps, guidance=conds.get("guidance"),
+                                pooled_projections=conds["pooled_projections"],
+                                encoder_hidden_states=conds["encoder_hidden_states"],
+                                txt_ids=first.extra["txt_ids"], img_ids=first.extra["img_ids"]).sample
+
+    @torch.no_grad()
+    def decode(self, samples: list[Sample]) -> list[Image.Image]:
+        cfg = self.pipe.vae.config
+        spec = samples[0].spec
+        latents = torch.cat([s.latents for s in samples])
+        latents = self.pipe._unpack_latents(latents, spec.height, spec.width, self.pipe.vae_scale_factor)
+        latents = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        return self._postprocess(self.pipe.vae.decode(latents.to(self.pipe.vae.dtype)).sample)
+
+
+RUNNERS = {
+    "DiTPipeline": DiTRunner,
+    "PixArtAlphaPipeline": PixArtRunner,
+    "PixArtSigmaPipeline": PixArtRunner,
+    "StableDiffusion3Pipeline": SD3Runner,
+    "FluxPipeline": FluxRunner,
+}
+
+
+def runner_for(pipe: Any, device: torch.device, dtype: torch.dtype) -> FamilyRunner:
+    """The runner of a loaded diffusers pipeline; ``TypeError`` for pipelines this server cannot batch."""
+    cls = RUNNERS.get(type(pipe).__name__)
+    if cls is None:
+        raise TypeError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(RUNNERS)}")
+    return cls(pipe, device, dtype)

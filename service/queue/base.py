@@ -1,0 +1,122 @@
+"""What the API needs from a job backend (in-process engine or Redis Streams), and job records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator
+
+from service.engine.families import GenerationSpec, ModelLimits
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class QueueFullError(Exception):
+    """The queue is at its bound (429)."""
+
+
+class NotReadyError(Exception):
+    """The backend cannot take work now (503): model loading, queue unreachable, shutting down."""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused with a different request body (422)."""
+
+
+@dataclass
+class JobSubmission:
+    """Everything a worker needs to run a request."""
+
+    spec: GenerationSpec
+    n: int
+    output_format: str
+    route: str
+    timeout_seconds: float
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["spec"]["cache"] = self.spec.cache.to_dict()
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSubmission":
+        from fastcache_core import CacheParams
+
+        data = json.loads(text)
+        spec = data.pop("spec")
+        spec["cache"] = CacheParams.from_dict(spec["cache"])
+        return cls(spec=GenerationSpec(**spec), **data)
+
+    def fingerprint(self) -> str:
+        """Hash of the request, for Idempotency-Key conflict detection."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+@dataclass
+class JobRecord:
+    """A job as the API reports it."""
+
+    id: str
+    status: str  # queued | running | succeeded | failed | cancelled
+    route: str = "jobs"
+    output_format: str = "png"
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    images: list[dict[str, Any]] | None = None
+    error: dict[str, Any] | None = None  # {code, message, status}
+    steps_done: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobRecord":
+        return cls(**data)
+
+
+class JobBackend(ABC):
+    """The API's view of where jobs run."""
+
+    model_name: str
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop admitting; finish what runs; release resources."""
+
+    @abstractmethod
+    def limits(self) -> ModelLimits | None:
+        """What the served model accepts (``None`` while unknown: not ready)."""
+
+    @abstractmethod
+    async def ready(self) -> tuple[bool, str]:
+        """(ready, reason when not)."""
+
+    @abstractmethod
+    async def submit(self, submission: JobSubmission, idempotency_key: str | None = None) -> JobRecord: ...
+
+    @abstractmethod
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        """The job once terminal, or as it is when ``timeout`` passes."""
+
+    @abstractmethod
+    def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Progress events (``{"type": "step", ...}``) then one ``result`` event."""
+
+    @abstractmethod
+    async def cancel(self, job_id: str) -> JobRecord | None: ...
+
+    def queue_stats(self) -> dict[str, float]:
+        return {}

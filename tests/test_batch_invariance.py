@@ -1,0 +1,53 @@
+"""A sample's image does not depend on which other samples share its batch, or when it joined."""
+
+import torch
+
+from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
+from tests.dit_loop import DiTSample, denoise
+
+STEPS = 12
+MIXED = [
+    DiTSample(label=1, seed=11, params=CacheParams(tolerance=0.0)),
+    DiTSample(label=4, seed=12, params=CacheParams(tolerance=0.6)),
+    DiTSample(label=7, seed=13, params=CacheParams(tolerance=1.0, significance=0.2), guidance=3.0),
+    DiTSample(label=9, seed=14, params=CacheParams(tolerance=0.8, motion_fraction=0.5, merge_ratio=0.2)),
+]
+
+
+def test_each_sample_in_a_mixed_batch_equals_its_solo_run(tiny_dit):
+    cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig())
+    try:
+        batched, batched_stats = denoise(tiny_dit, cache, MIXED, STEPS)
+        for sample, image, stats in zip(MIXED, batched, batched_stats):
+            (solo,), (solo_stats,) = denoise(tiny_dit, cache, [sample], STEPS)
+            torch.testing.assert_close(image, solo, rtol=1e-4, atol=1e-5)
+            assert stats.blocks_approximated == solo_stats.blocks_approximated
+            assert stats.tokens_computed == solo_stats.tokens_computed
+    finally:
+        cache.remove()
+    # the settings really differ in effect: the batch was not trivially uncached
+    approximated = [s.blocks_approximated for s in batched_stats]
+    assert approximated[0] == 0 and max(approximated) > 0 and len(set(approximated)) > 1
+
+
+def test_a_sample_joining_mid_run_equals_its_solo_run(tiny_dit):
+    late = DiTSample(label=5, seed=21, params=CacheParams(tolerance=0.8), start=5)
+    early = DiTSample(label=2, seed=22, params=CacheParams(tolerance=0.5))
+    cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig())
+    try:
+        (early_image, late_image), _ = denoise(tiny_dit, cache, [early, late], STEPS)
+        (late_solo,), _ = denoise(tiny_dit, cache, [DiTSample(5, 21, CacheParams(tolerance=0.8))], STEPS)
+        (early_solo,), _ = denoise(tiny_dit, cache, [early], STEPS)
+    finally:
+        cache.remove()
+    torch.testing.assert_close(late_image, late_solo, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(early_image, early_solo, rtol=1e-4, atol=1e-5)
+
+
+def test_a_leaving_sample_frees_its_cache_slots(tiny_dit):
+    cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig())
+    try:
+        denoise(tiny_dit, cache, MIXED, 3)
+        assert cache._rows == {} and cache._samples == {}
+    finally:
+        cache.remove()
