@@ -6,10 +6,19 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "setup: installing redis-server" >&2
+# redis-server: the scale-out tests; promtool (Debian's prometheus) and kubectl: the deployment tests
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts the services it installs; the project starts its own on free ports when it needs them
+  for unit in redis-server prometheus; do
+    $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || $SUDO service "$unit" stop >/dev/null 2>&1 || true
+  done
 fi
 
 PYTHON="${PYTHON:-python3.11}"
