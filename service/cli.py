@@ -9,8 +9,8 @@ from service.settings import Settings
 
 SERVE_FLAGS = ("host", "port", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "api_key",
                "queue", "request_timeout", "max_body_bytes", "job_ttl_seconds", "threads", "log_level")
-WORKER_FLAGS = ("redis", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "metrics_port",
-                "reclaim_idle_seconds", "max_deliveries", "threads", "log_level")
+WORKER_FLAGS = ("redis", "host", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "metrics_port",
+                "reclaim_idle_seconds", "max_deliveries", "job_ttl_seconds", "threads", "log_level")
 
 
 def parse_settings(flags: tuple[str, ...], description: str, argv: list[str] | None) -> Settings:

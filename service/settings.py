@@ -20,7 +20,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FASTCACHE_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="address to listen on")
+    host: str = Field("127.0.0.1", description="address to listen on (the worker: for its /metrics port)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     model: str = Field(DEFAULT_MODEL, description="diffusers pipeline directory or hub id; default: the bundled digits DiT")
     model_name: str | None = Field(None, description="name reported by the API; default: the model directory's name")

@@ -86,16 +86,40 @@ class Server(Process):
         return httpx.get(f"{self.url}/metrics", timeout=10).text
 
 
+class WorkerProcess(Process):
+    """``python -m service.worker`` feeding from ``redis_url``, metrics on a free loopback port."""
+
+    def __init__(self, redis_url: str, *flags: str, wait_ready: bool = True) -> None:
+        self.metrics_port = free_port()
+        self.url = f"http://127.0.0.1:{self.metrics_port}"
+        super().__init__([sys.executable, "-m", "service.worker", "--redis", redis_url, "--host", "127.0.0.1",
+                          "--metrics-port", str(self.metrics_port), *flags], "worker")
+        if wait_ready:
+            wait_until(lambda: _ok(f"{self.url}/readyz"), 120, lambda: f"worker not ready:\n{self.log()}",
+                       process=self.proc)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+
 class RedisServer(Process):
     """A throwaway ``redis-server`` on a free port, no persistence."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        super().__init__([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--protected-mode", "no"], "redis")
+        persistence = ["--save", "", "--appendonly", "no"]
+        if data_dir is not None:  # an append-only file: data survives a restart, as in production
+            persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)]
+        super().__init__([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "no",
+                          *persistence], "redis")
         wait_until(self.ping, 20, lambda: f"redis did not start:\n{self.log()}", process=self.proc)
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, decode_responses=True)
 
     def ping(self) -> bool:
         import redis

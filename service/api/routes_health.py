@@ -35,5 +35,5 @@ async def metrics(request: Request) -> Response:
     backend = backend_of(request)
     ok, _ = await backend.ready()
     telemetry.READY.set(1 if ok and not request.app.state.shutting_down else 0)
-    backend.queue_stats()  # refreshes queue gauges where the backend computes them on demand
+    await backend.refresh_metrics()
     return Response(telemetry.render(settings_of(request).resolved_device()), media_type=CONTENT_TYPE_LATEST)

@@ -110,8 +110,12 @@ class Engine:
         self._thread = threading.Thread(target=self._run, args=(warmup,), name=f"engine-{self.model_name}", daemon=True)
         self._thread.start()
 
-    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop admitting; with ``drain`` finish in-flight jobs first. Waiting jobs fail with 503."""
+    def shutdown(self, drain: bool = True, timeout: float | None = None, fail_waiting: bool = True) -> list[Job]:
+        """Stop admitting; with ``drain`` finish in-flight jobs first, else stop at the next step.
+
+        Waiting jobs fail with 503, or with ``fail_waiting=False`` are returned untouched (a Redis worker
+        leaves them unacknowledged for another worker). Blocks until the loop ends or ``timeout``.
+        """
         with self._lock:
             self._accepting = False
             self._drain = drain
@@ -120,10 +124,17 @@ class Engine:
             if not drain:
                 self._stop = True
             self._lock.notify_all()
-        for job in waiting:
-            self._finish(job, JobResult("failed", error=JobError("shutting_down", "the server is shutting down", 503)))
-        if self._thread is not None:
+        if fail_waiting:
+            for job in waiting:
+                self._finish(job, JobResult("failed", error=JobError("shutting_down", "the server is shutting down", 503)))
+        if self._thread is not None and timeout != 0:
             self._thread.join(timeout)
+        return [] if fail_waiting else waiting
+
+    @property
+    def running(self) -> bool:
+        """Whether the model thread is still alive (draining counts)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def free_slots(self) -> int:

@@ -118,5 +118,5 @@ class JobBackend(ABC):
     @abstractmethod
     async def cancel(self, job_id: str) -> JobRecord | None: ...
 
-    def queue_stats(self) -> dict[str, float]:
-        return {}
+    async def refresh_metrics(self) -> None:
+        """Update backend gauges (stream length, pending entries) before a scrape."""

@@ -74,11 +74,6 @@ class LocalBackend(JobBackend):
             return False, "model warming up"
         return True, ""
 
-    def queue_stats(self) -> dict[str, float]:
-        if self.engine is None:
-            return {}
-        return {"queue_depth": self.engine.queue_depth, "in_flight": self.engine.in_flight}
-
     async def submit(self, submission: JobSubmission, idempotency_key: str | None = None) -> JobRecord:
         self._prune()
         fingerprint = submission.fingerprint()
