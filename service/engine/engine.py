@@ -203,8 +203,9 @@ class Engine:
     def _warmup(self) -> None:
         limits = self.limits
         prompt = "0" if limits.family == "dit" else "warm-up"
-        spec = GenerationSpec(prompt, None, 2, limits.default_guidance_scale, 0, limits.default_width,
-                              limits.default_height, self.cache.default_params)
+        # the smallest size: proves the model runs end to end without paying for a full-size image
+        spec = GenerationSpec(prompt, None, 2, limits.default_guidance_scale, 0, limits.min_size,
+                              limits.min_size, self.cache.default_params)
         self.cache.add_sample("__warmup__", spec.cache, spec.steps)
         try:
             sample = self.runner.prepare("__warmup__", spec)
@@ -383,6 +384,10 @@ def load_pipeline(model: str, device: str, dtype: str) -> Any:
     from diffusers import DiffusionPipeline
 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    # components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None explicitly
+    index = DiffusionPipeline.load_config(model)
+    absent = {name: None for name, value in index.items()
+              if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None}
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
