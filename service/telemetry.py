@@ -81,6 +81,20 @@ def record_image(model: str, stats: "object") -> None:
     IMAGES.labels(model=model).inc()
 
 
+OUTCOME_STATUS = {"succeeded": "200", "cancelled": "499"}  # 499: the client gave up (nginx's convention)
+
+
+def record_request(route: str, result: "object", model: str, submitted_at: float, admitted_at: float | None) -> None:
+    """A finished job's duration and queue wait, labelled with its route and HTTP-like outcome status."""
+    import time
+
+    error = getattr(result, "error", None)
+    status = OUTCOME_STATUS.get(result.status, str(error.status if error is not None else 500))
+    REQUEST_DURATION.labels(route=route, status=status, model=model).observe(max(0.0, time.time() - submitted_at))
+    if admitted_at is not None:
+        QUEUE_WAIT.labels(route=route, status=status, model=model).observe(max(0.0, admitted_at - submitted_at))
+
+
 def update_memory(device: str) -> None:
     """Refresh the memory gauges: CUDA allocator figures, or this process's RSS on CPU."""
     if device.startswith("cuda"):

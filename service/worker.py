@@ -45,6 +45,7 @@ RETRYABLE_MIN_STATUS = 500  # server-side failures are retried on another delive
 class _InFlight:
     entry_id: str
     job_id: str
+    job: Job | None = None
 
 
 class Worker:
@@ -186,7 +187,7 @@ class Worker:
                   route=submission.route, submitted_at=created, deadline=created + submission.timeout_seconds,
                   on_event=lambda event, j=job_id: self.outbox.put(("event", j, event)),
                   on_done=lambda result, j=job_id: self.outbox.put(("done", j, result)))
-        self.in_flight[job_id] = _InFlight(entry_id, job_id)
+        self.in_flight[job_id] = _InFlight(entry_id, job_id, job)
         try:
             self.engine.submit(job)
         except Exception as error:  # full or stopping: stays pending, another delivery takes it
@@ -229,9 +230,9 @@ class Worker:
                 return
             logger.warning("job %s failed (%s); left for redelivery", flight.job_id, error.message)
             return
-        self._settle(flight.job_id, flight.entry_id, result)
+        self._settle(flight.job_id, flight.entry_id, result, flight.job)
 
-    def _settle(self, job_id: str, entry_id: str, result: JobResult) -> None:
+    def _settle(self, job_id: str, entry_id: str, result: JobResult, job: Job | None = None) -> None:
         """Store the final record (once per job), then acknowledge and delete the stream entry."""
         record = self._record(job_id) or JobRecord(id=job_id, status="queued")
         record.status = result.status
@@ -248,6 +249,8 @@ class Worker:
             pipe.expire(self.layout.events(job_id), self.ttl)
             pipe.publish(self.layout.done_channel, job_id)
             pipe.execute()
+            telemetry.record_request(record.route, result, self.engine.model_name, record.created_at,
+                                     job.admitted_at if job is not None else None)
         self._ack(entry_id)
 
     def _ack(self, entry_id: str) -> None:
@@ -314,15 +317,16 @@ def _dead_letter_error(message: str):
 
 
 class _HealthHandler(BaseHTTPRequestHandler):
-    worker: Worker
+    holder: dict[str, Any]  # {"settings": Settings, "worker": Worker | None (while the model loads)}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        worker = self.holder.get("worker")
         if self.path == "/metrics":
-            self._send(200, telemetry.render(self.worker.settings.resolved_device()), "text/plain; version=0.0.4")
+            self._send(200, telemetry.render(self.holder["settings"].resolved_device()), "text/plain; version=0.0.4")
         elif self.path == "/healthz":
             self._send(200, b'{"status": "ok"}', "application/json")
         elif self.path == "/readyz":
-            ok = self.worker.engine.ready and self.worker.redis_ok and not self.worker.stopping
+            ok = worker is not None and worker.engine.ready and worker.redis_ok and not worker.stopping
             telemetry.READY.set(1 if ok else 0)
             self._send(200 if ok else 503, json.dumps({"status": "ready" if ok else "not ready"}).encode(),
                        "application/json")
@@ -340,9 +344,9 @@ class _HealthHandler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_operations(worker: Worker, host: str, port: int) -> ThreadingHTTPServer:
-    """/metrics, /healthz and /readyz of a worker, on its own port."""
-    handler = type("Handler", (_HealthHandler,), {"worker": worker})
+def serve_operations(holder: dict[str, Any], host: str, port: int) -> ThreadingHTTPServer:
+    """/metrics, /healthz and /readyz of a worker, on its own port, up before the model loads."""
+    handler = type("Handler", (_HealthHandler,), {"holder": holder})
     server = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=server.serve_forever, name="worker-metrics", daemon=True).start()
     return server
@@ -356,14 +360,16 @@ def run_worker(settings: Settings) -> None:
     url = settings.redis or (settings.queue if settings.queue.startswith("redis") else None)
     if not url:
         raise SystemExit("fastcache-worker needs --redis redis://host:port/db (or FASTCACHE_REDIS)")
-    engine = build_engine(settings)
-    engine.max_queue = max(engine.max_queue, settings.max_batch_size)
-    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
-    worker = Worker(settings, engine, client)
-    server = serve_operations(worker, settings.host, settings.metrics_port)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    holder: dict[str, Any] = {"settings": settings, "worker": None}
+    server = serve_operations(holder, settings.host, settings.metrics_port)  # /healthz answers during the load
     try:
+        engine = build_engine(settings)
+        engine.max_queue = max(engine.max_queue, settings.max_batch_size)
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+        worker = Worker(settings, engine, client)
+        holder["worker"] = worker
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+        signal.signal(signal.SIGINT, lambda *_: worker.stop())
         worker.run()
     finally:
         server.shutdown()

@@ -17,9 +17,6 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-OUTCOME_STATUS = {"succeeded": "200", "cancelled": "499"}
-
-
 @dataclass
 class _TrackedJob:
     record: JobRecord
@@ -176,12 +173,7 @@ class LocalBackend(JobBackend):
             tracked.events.append({"type": "result", "job": record.to_dict()})
             tracked.changed.notify_all()
         job = tracked.engine_job
-        status = OUTCOME_STATUS.get(result.status, str(result.error.status if result.error else 500))
-        telemetry.REQUEST_DURATION.labels(route=record.route, status=status, model=self.model_name).observe(
-            record.finished_at - job.submitted_at)
-        if job.admitted_at is not None:
-            telemetry.QUEUE_WAIT.labels(route=record.route, status=status, model=self.model_name).observe(
-                job.admitted_at - job.submitted_at)
+        telemetry.record_request(record.route, result, self.model_name, job.submitted_at, job.admitted_at)
 
     def _prune(self) -> None:
         horizon = time.time() - self.settings.job_ttl_seconds
