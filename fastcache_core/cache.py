@@ -492,14 +492,15 @@ class FastCache:
         fb_reuse = [False] * len(samples)
         n_rows = image.shape[0]
         for index, original in enumerate(self._originals):
-            cache = _CachedBlock.gather(self, index, slots, positions, image, text)
-            changes = cache.relative_changes(image, text, local_rows)
+            cache = _CachedBlock(self, index, slots, positions, image, text)
+            candidates = [self._may_reuse(index, sample, forced[k], tea_reuse[k], fb_reuse[k])
+                          for k, sample in enumerate(samples)]
+            # the change norms cost a gather and a host sync: only measure them when someone may reuse
+            changes = cache.relative_changes(image, text, local_rows) if any(candidates) else [math.inf] * len(samples)
+            changes = [c if candidate else None for c, candidate in zip(changes, candidates)]
             dof = (image.shape[1] + (0 if text is None else text.shape[1])) * image.shape[2]
-            reuse = [
-                self._decide(index, sample, phases[k], forced[k], changes[k], tea_reuse[k], fb_reuse[k],
-                             dof * len(local_rows[k]), maps)
-                for k, sample in enumerate(samples)
-            ]
+            reuse = [self._decide(index, sample, phases[k], changes[k], dof * len(local_rows[k]), maps)
+                     for k, sample in enumerate(samples)]
             compute = [r for k, rs in enumerate(local_rows) if not reuse[k] for r in rs]
             reused = [r for k, rs in enumerate(local_rows) if reuse[k] for r in rs]
             out_image, out_text = image, text
@@ -521,23 +522,34 @@ class FastCache:
             image, text = out_image, out_text
         return image, text
 
-    def _decide(self, index: int, sample: SampleState, phase: int, forced: bool, change: float,
-                tea_reuse: bool, fb_reuse: bool, dof: int, maps: ApproximatorSet) -> bool:
-        """Whether ``sample`` reuses block ``index`` this step; updates its reuse state."""
+    def _may_reuse(self, index: int, sample: SampleState, forced: bool, tea_reuse: bool, fb_reuse: bool) -> bool:
+        """Whether ``sample`` could reuse block ``index`` at all this step (before measuring its change)."""
         p = sample.params
         state = sample.reuse[index]
         if forced or p.method == "none" or not state.computed_once:
+            return False
+        if p.method == "fastcache":
+            return p.tolerance > 0.0 and state.consecutive_reuses < p.max_skip_steps
+        if p.method == "teacache":
+            return tea_reuse
+        return index > 0 and fb_reuse  # fbcache: block 0 always computes
+
+    def _decide(self, index: int, sample: SampleState, phase: int, change: float | None, dof: int,
+                maps: ApproximatorSet) -> bool:
+        """Whether ``sample`` reuses block ``index`` this step and update its reuse state. ``change`` is
+        ``None`` when it cannot reuse (see ``_may_reuse``); the peers' stack-level rules already said yes."""
+        p = sample.params
+        state = sample.reuse[index]
+        if change is None:
             reuse = False
         elif p.method == "fastcache":
             tolerance = p.tolerance * maps.block_scale(index, phase)
             reuse = fastcache_reuses_block(change, tolerance, p.significance, dof, state, p.max_skip_steps,
                                            self.config.accumulation_limit)
-        elif p.method == "teacache":
-            reuse = tea_reuse
-        else:  # fbcache: block 0 always computes, the tail follows its rule
-            reuse = index > 0 and fb_reuse
+        else:  # teacache / fbcache candidates reuse: their rule decided for the whole stack or tail
+            reuse = True
         if reuse:
-            state.record_reuse(change)
+            state.record_reuse(change if math.isfinite(change) else 0.0)
         else:
             state.record_compute()
             sample.computed_at[index] = sample.step
@@ -709,7 +721,11 @@ class _RowSubset:
 
 
 class _CachedBlock:
-    """One block's cached inputs/outputs for a group's rows (at its token positions) for one step."""
+    """One block's cached inputs/outputs for a group's rows (at its token positions) for one step.
+
+    The pools are looked up at once; the cached rows are gathered only when a decision or an
+    approximation needs them.
+    """
 
     def __init__(self, owner: FastCache, index: int, slots: torch.Tensor, positions: torch.Tensor | None,
                  image: torch.Tensor, text: torch.Tensor | None) -> None:
@@ -719,35 +735,37 @@ class _CachedBlock:
             "in": pool.get(f"block{index}.in", full, image.dtype, image.device),
             "out": pool.get(f"block{index}.out", full, image.dtype, image.device),
         }
-        self.image_in = gather_rows(self._pools["in"], slots, positions)
-        self.image_out = gather_rows(self._pools["out"], slots, positions)
-        self.image_diff: torch.Tensor | None = None
-        self.text_in = self.text_out = self.text_diff = None
-        self.text_out_valid = False
         if text is not None:
-            shape = tuple(text.shape[1:])
-            self._pools["text_in"] = pool.get(f"block{index}.text_in", shape, text.dtype, text.device)
-            self.text_in = gather_rows(self._pools["text_in"], slots, None)
-            self.text_out_valid = f"block{index}.text_out" in pool.tensors
-            if self.text_out_valid:
+            self._pools["text_in"] = pool.get(f"block{index}.text_in", tuple(text.shape[1:]), text.dtype, text.device)
+            if f"block{index}.text_out" in pool.tensors:  # the last SD3 block returns no text stream
                 self._pools["text_out"] = pool.tensors[f"block{index}.text_out"]
-                self.text_out = gather_rows(self._pools["text_out"], slots, None)
+        self.text_out_valid = "text_out" in self._pools
+        self._slots, self._positions, self._has_text = slots, positions, text is not None
+        self.image_in = self.image_out = self.image_diff = None
+        self.text_in = self.text_out = self.text_diff = None
         self._owner = owner
         self._index = index
 
-    @classmethod
-    def gather(cls, owner: FastCache, index: int, slots: torch.Tensor, positions: torch.Tensor | None,
-               image: torch.Tensor, text: torch.Tensor | None) -> "_CachedBlock":
-        return cls(owner, index, slots, positions, image, text)
+    def load(self, image: torch.Tensor, text: torch.Tensor | None) -> None:
+        """Gather the cached rows and their differences to the current inputs (once)."""
+        if self.image_in is not None:
+            return
+        self.image_in = gather_rows(self._pools["in"], self._slots, self._positions)
+        self.image_out = gather_rows(self._pools["out"], self._slots, self._positions)
+        self.image_diff = image - self.image_in
+        if self._has_text:
+            self.text_in = gather_rows(self._pools["text_in"], self._slots, None)
+            self.text_diff = text - self.text_in
+            if self.text_out_valid:
+                self.text_out = gather_rows(self._pools["text_out"], self._slots, None)
 
     def relative_changes(self, image: torch.Tensor, text: torch.Tensor | None,
                          local_rows: list[list[int]]) -> list[float]:
         """Per sample, ``||H - H_c|| / ||H_c||`` over its rows and both streams (one host sync)."""
-        self.image_diff = image - self.image_in
+        self.load(image, text)
         num = self.image_diff.float().pow(2).flatten(1).sum(1)
         den = self.image_in.float().pow(2).flatten(1).sum(1)
         if text is not None:
-            self.text_diff = text - self.text_in
             num = num + self.text_diff.float().pow(2).flatten(1).sum(1)
             den = den + self.text_in.float().pow(2).flatten(1).sum(1)
         values = torch.stack([num, den]).cpu().tolist()
