@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "models" / "digits-dit")
@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9100, ge=0, le=65535, description="worker: port of its /metrics")
     reclaim_idle_seconds: float = Field(120.0, gt=0, description="worker: reclaim jobs idle this long")
     max_deliveries: int = Field(3, ge=1, description="worker: deliveries before a job is dead-lettered")
+
+    @field_validator("api_key", "redis", "model_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # an empty FASTCACHE_API_KEY= (as compose files write it) means "no key", not "the empty key"
+        return None if value == "" else value
 
     @property
     def served_model_name(self) -> str:

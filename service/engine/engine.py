@@ -194,10 +194,15 @@ class Engine:
                 if not self._active and not self._waiting:
                     self._lock.wait(timeout=0.5)
                     continue
-            self._retire()
-            self._admit()
-            if self._active:
-                self._step()
+            try:
+                self._retire()
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as error:  # keep serving: fail what was in flight rather than hang it
+                logger.exception("engine loop error")
+                for job in list(self._active):
+                    self._leave(job, JobResult("failed", error=JobError("engine_error", str(error), 500)))
         self.ready = False
 
     def _warmup(self) -> None:
