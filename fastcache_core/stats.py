@@ -54,6 +54,27 @@ class SampleStats:
         return data
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+    """A ``FlopCounterMode`` that also counts the CPU kernel of ``scaled_dot_product_attention``.
+
+    torch's table covers the CUDA attention kernels but not the CPU one, which would make attention
+    free on CPU; it gets the same formula here.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _cpu_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 class BlockCostModel:
     """Multiply-accumulates of one block on one row as a function of its image-token count.
 
@@ -75,12 +96,10 @@ class BlockCostModel:
 
     @staticmethod
     def _fit(measure: Callable[[int], float], full_tokens: int) -> tuple[float, float, float]:
-        from torch.utils.flop_counter import FlopCounterMode
-
         points = sorted({max(1, full_tokens // 4), max(1, full_tokens // 2), full_tokens})
         values = []
         for n in points:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 measure(n)
             values.append(counter.get_total_flops() / 2.0)
         if len(points) < 3:  # tiny token counts: a linear model is all the points allow

@@ -127,14 +127,17 @@ class Worker:
 
     def _read(self) -> None:
         free = self.engine.free_slots
-        if free <= 0:
-            self._wait_for_engine(0.05)
-            return
-        response = self.redis.xreadgroup(self.layout.group, self.consumer, {self.layout.stream: ">"},
-                                         count=free, block=100)
-        for _, entries in response or []:
-            for entry_id, fields in entries:
-                self._take(entry_id, fields)
+        if free > 0:
+            # idle: block on the stream (a new entry wakes us at once); busy: don't block on Redis, so
+            # results and progress are flushed as soon as the engine produces them
+            block = None if self.in_flight else 100
+            response = self.redis.xreadgroup(self.layout.group, self.consumer, {self.layout.stream: ">"},
+                                             count=free, block=block)
+            for _, entries in response or []:
+                for entry_id, fields in entries:
+                    self._take(entry_id, fields)
+        if self.in_flight:
+            self._wait_for_engine(0.01)
 
     def _reclaim(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,89 @@
+"""Smoke tests of the benchmarks on a tiny model: structure of their output only, never timing."""
+
+import json
+import math
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = {"method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid", "peak_mem_bytes"}
+METHODS = {"none", "fastcache", "fbcache", "teacache", "taylorseer", "pab"}
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
+    from bench import cache
+
+    out, plot = tmp_path / "cache.json", tmp_path / "cache.png"
+    cache.main(["--model", str(tiny_dit_dir), "--quick", "--samples", "2", "--steps", "6", "--threads", "1",
+                "--no-progress", "--json", str(out), "--plot", str(plot)])
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert set(row) == ROW_KEYS, row
+        assert row["method"] in METHODS
+        assert isinstance(row["params"], dict)
+        for key in ("speedup", "mac_fraction", "psnr_db", "ssim", "peak_mem_bytes"):
+            assert finite(row[key]) and row[key] >= 0, (key, row)
+        # the tiny model has no digit classifier beside it: no judge, so these are null
+        assert row["class_accuracy"] is None and row["fid"] is None
+    assert {r["method"] for r in rows} == METHODS, "every method, peers included, has a row"
+    assert [r["method"] for r in rows].count("none") == 1
+    fastcache = [r for r in rows if r["method"] == "fastcache"]
+    assert sum(r["params"].get("setting") == "default" for r in fastcache) == 1
+    tolerances = {r["params"]["tolerance"] for r in fastcache if r["params"].get("setting") in ("default", "tolerance_sweep")}
+    assert len(tolerances) >= 5
+    ablations = {r["params"].get("ablation") for r in fastcache if r["params"].get("setting") == "ablation"}
+    assert {"block_cache_only", "token_selection_only", "block_cache+token_selection+merge",
+            "uncalibrated_identity_W"} <= ablations
+    assert len([r for r in rows if r["method"] == "teacache"]) >= 3
+    for peer in ("fbcache", "taylorseer", "pab"):
+        assert len([r for r in rows if r["method"] == peer]) >= 2
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+    table = capsys.readouterr().out
+    assert "| method |" in table and "taylorseer" in table
+
+
+def test_bench_cache_methods_filter(tiny_dit_dir, tmp_path):
+    from bench import cache
+
+    out = tmp_path / "cache.json"
+    rows = cache.main(["--model", str(tiny_dit_dir), "--quick", "--samples", "1", "--steps", "4", "--threads", "1",
+                       "--no-progress", "--methods", "pab", "--json", str(out)])
+    assert [r["method"] for r in rows] == ["none", "pab", "pab"]
+    assert json.loads(out.read_text()) == rows
+
+
+def test_bench_serve_quick_on_a_tiny_model(tiny_dit_dir, tmp_path):
+    from bench import serve
+
+    out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
+    result = serve.main(["--model", str(tiny_dit_dir), "--quick", "--batch-sizes", "1,4", "--load-factors", "1,4",
+                         "--requests", "6", "--steps", "3", "--warmup", "2", "--mixed-cache", "--ready-timeout", "120",
+                         "--json", str(out), "--plot", str(plot)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert finite(data["throughput_ratio_batched_vs_single"]) and data["throughput_ratio_batched_vs_single"] > 0
+    rows = data["rows"]
+    assert {(r["config"], r["max_batch_size"]) for r in rows} == {("batch1", 1), ("batch4", 4)}
+    assert len(rows) == 4  # 2 configurations x 2 rates
+    for row in rows:
+        assert row["requests"] == 6 and row["completed"] == 6, row
+        for key in ("rate_rps", "throughput_images_per_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
+                    "queue_wait_mean_s", "batch_size_mean"):
+            assert finite(row[key]) and row[key] >= 0, (key, row)
+        assert row["latency_p50_s"] <= row["latency_p95_s"] <= row["latency_p99_s"]
+        assert 1 <= row["batch_size_max"] <= row["max_batch_size"]
+    assert all(r["batch_size_max"] == 1 for r in rows if r["config"] == "batch1")
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("argv", [["--methods", "nope"], ["--samples", "0"]])
+def test_bench_cache_rejects_bad_flags(argv):
+    from bench import cache
+
+    with pytest.raises(SystemExit):
+        cache.parse_args(argv)
