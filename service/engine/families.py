@@ -106,6 +106,31 @@ def resolve_label(limits: ModelLimits, prompt: str) -> int:
                                  f"{text[:40]!r} is not one of: {names}")
 
 
+SERVING_DEFAULTS_FILE = "fastcache_serving.json"
+SERVING_DEFAULT_KEYS = ("default_steps", "default_guidance_scale", "default_width", "default_height")
+
+
+def apply_serving_defaults(limits: ModelLimits, pipe: Any) -> ModelLimits:
+    """Override a family's defaults with ``fastcache_serving.json`` in the pipeline's directory, if any.
+
+    A model directory can state its own defaults (e.g. the guidance scale it was validated at):
+    ``{"default_steps": 50, "default_guidance_scale": 2.0}``. Unknown keys are an error.
+    """
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    path = Path(source) / SERVING_DEFAULTS_FILE if source else None
+    if path is None or not path.is_file():
+        return limits
+    overrides = json.loads(path.read_text())
+    unknown = set(overrides) - set(SERVING_DEFAULT_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(SERVING_DEFAULT_KEYS)}")
+    return replace(limits, **overrides)
+
+
 def validate_spec(limits: ModelLimits, spec: GenerationSpec) -> None:
     """Check a request against what the model serves; raises ``InvalidField`` naming the field."""
     for name, value in (("width", spec.width), ("height", spec.height)):
@@ -128,9 +153,14 @@ class FamilyRunner:
         self.device = device
         self.dtype = dtype
         self.transformer = pipe.transformer
+        self._limits = apply_serving_defaults(self.family_limits(), pipe)
 
     # -- what the model serves
     def limits(self) -> ModelLimits:
+        return self._limits
+
+    def family_limits(self) -> ModelLimits:
+        """The family's defaults and size rules, before the model directory's own serving defaults."""
         raise NotImplementedError
 
     def compat_key(self, spec: GenerationSpec) -> tuple:
@@ -210,7 +240,7 @@ class DiTRunner(FamilyRunner):
     family = "dit"
     NULL_CLASS = 1000
 
-    def limits(self) -> ModelLimits:
+    def family_limits(self) -> ModelLimits:
         cfg = self.transformer.config
         vae_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         native = cfg.sample_size * vae_factor
@@ -269,7 +299,7 @@ class _TextRunner(FamilyRunner):
 class PixArtRunner(_TextRunner):
     family = "pixart"
 
-    def limits(self) -> ModelLimits:
+    def family_limits(self) -> ModelLimits:
         cfg = self.transformer.config
         factor = self._vae_factor()
         native = cfg.sample_size * factor
@@ -317,7 +347,7 @@ class SD3Runner(_TextRunner):
     family = "sd3"
     max_sequence_length = 256
 
-    def limits(self) -> ModelLimits:
+    def family_limits(self) -> ModelLimits:
         cfg = self.transformer.config
         factor = self._vae_factor()
         native = cfg.sample_size * factor
@@ -366,7 +396,7 @@ class FluxRunner(_TextRunner):
     family = "flux"
     max_sequence_length = 512
 
-    def limits(self) -> ModelLimits:
+    def family_limits(self) -> ModelLimits:
         factor = self._vae_factor()
         multiple = factor * 2  # latents are packed 2x2
         return ModelLimits("flux", 28, 3.5, 64 * multiple, 64 * multiple, multiple, 2 * multiple, 128 * multiple, False)
