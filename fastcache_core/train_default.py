@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--eval-samples", type=int, default=200)
+    parser.add_argument("--eval-guidance", default="1.5,2.0,3.0", help="guidance scales to evaluate")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             train_dit(args.out, args.dit_steps, args.seed, args.batch_size, args.lr, args.ema_decay)
             report["dit"] = {"steps": args.dit_steps, "batch_size": args.batch_size, "lr": args.lr}
         elif stage == "eval":
-            report["eval"] = evaluate(args.out, args.eval_samples, [1.5, 4.0])
+            report["eval"] = evaluate(args.out, args.eval_samples, [float(g) for g in args.eval_guidance.split(",")])
         else:
             raise SystemExit(f"unknown stage {stage!r}")
         report.setdefault("seconds", {})[stage] = round(time.time() - start, 1)
