@@ -509,7 +509,13 @@ class FastCache:
                 c_image, c_text = sub.take(image), sub.take(text)
                 c_rows = sub.take(rows) if rows is not None else sub.index
                 y_image, y_text = self.adapter.call_block(original, call, c_rows, c_image, c_text, sub.take(positions))
-                cache.store(sub.take(slots), sub.take(positions), c_image, y_image, c_text, y_text)
+                steps_between = None
+                if cache.tracks_velocity:  # per-step residual change needs the gap to the previous compute
+                    gap_of = {r: (samples[k].step - samples[k].previous_computed_at[index]
+                                  if samples[k].previous_computed_at[index] >= 0 else 0)
+                              for k, rs in enumerate(local_rows) for r in rs}
+                    steps_between = torch.tensor([gap_of[r] for r in sub.rows], device=image.device, dtype=image.dtype)
+                cache.store(sub.take(slots), sub.take(positions), c_image, y_image, c_text, y_text, steps_between)
                 out_image, out_text = sub.put(image, y_image), sub.put(text, y_text)
             if reused:
                 sub = _RowSubset(reused, n_rows, image.device)
@@ -551,6 +557,7 @@ class FastCache:
         if reuse:
             state.record_reuse(change if math.isfinite(change) else 0.0)
         else:
+            sample.previous_computed_at[index] = sample.computed_at[index] if state.computed_once else -1
             state.record_compute()
             sample.computed_at[index] = sample.step
         return reuse
@@ -567,22 +574,25 @@ class FastCache:
         fitted = [samples[k].params.method == "fastcache" for k in ks]
         identity = LinearApproximator()
 
-        def approx(name: str, cached_out: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+        def approx(name: str, cached_out: torch.Tensor, diff: torch.Tensor, velocity: torch.Tensor | None) -> torch.Tensor:
             m = maps.get(name)
             if all(fitted):
-                return m.apply(cached_out, diff, gaps, row_phases)
+                return m.apply(cached_out, diff, gaps, row_phases, velocity)
             if not any(fitted) or m.is_identity:
                 return identity.apply(cached_out, diff, gaps, row_phases)
             out = identity.apply(cached_out, diff, gaps, row_phases)
             f = torch.tensor([i for i, v in enumerate(fitted) if v], device=diff.device)
             out.index_copy_(0, f, m.apply(cached_out.index_select(0, f), diff.index_select(0, f),
-                                          gaps.index_select(0, f), [row_phases[i] for i in f.tolist()]))
+                                          gaps.index_select(0, f), [row_phases[i] for i in f.tolist()],
+                                          None if velocity is None else velocity.index_select(0, f)))
             return out
 
-        image = approx(f"block{index}.image", sub.take(cache.image_out), sub.take(cache.image_diff))
+        image = approx(f"block{index}.image", sub.take(cache.image_out), sub.take(cache.image_diff),
+                       sub.take(cache.image_velocity))
         text = None
         if cache.text_diff is not None and cache.text_out_valid:
-            text = approx(f"block{index}.text", sub.take(cache.text_out), sub.take(cache.text_diff))
+            text = approx(f"block{index}.text", sub.take(cache.text_out), sub.take(cache.text_diff),
+                          sub.take(cache.text_velocity))
         return image, text
 
     # -- the peers' stack-level rules
@@ -740,7 +750,16 @@ class _CachedBlock:
             if f"block{index}.text_out" in pool.tensors:  # the last SD3 block returns no text stream
                 self._pools["text_out"] = pool.tensors[f"block{index}.text_out"]
         self.text_out_valid = "text_out" in self._pools
+        maps = owner._maps(image.device, image.dtype)
+        self._velocity_streams = [stream for stream in ("image", "text")
+                                  if maps.get(f"block{index}.{stream}").uses_velocity
+                                  and (stream == "image" or self.text_out_valid)]
+        for stream in self._velocity_streams:
+            like = image if stream == "image" else text
+            shape = full if stream == "image" else tuple(text.shape[1:])
+            self._pools[f"{stream}_velocity"] = pool.get(f"block{index}.{stream}_velocity", shape, like.dtype, like.device)
         self._slots, self._positions, self._has_text = slots, positions, text is not None
+        self.image_velocity = self.text_velocity = None
         self.image_in = self.image_out = self.image_diff = None
         self.text_in = self.text_out = self.text_diff = None
         self._owner = owner
@@ -753,6 +772,10 @@ class _CachedBlock:
         self.image_in = gather_rows(self._pools["in"], self._slots, self._positions)
         self.image_out = gather_rows(self._pools["out"], self._slots, self._positions)
         self.image_diff = image - self.image_in
+        if "image" in self._velocity_streams:
+            self.image_velocity = gather_rows(self._pools["image_velocity"], self._slots, self._positions)
+        if "text" in self._velocity_streams:
+            self.text_velocity = gather_rows(self._pools["text_velocity"], self._slots, None)
         if self._has_text:
             self.text_in = gather_rows(self._pools["text_in"], self._slots, None)
             self.text_diff = text - self.text_in
@@ -775,9 +798,26 @@ class _CachedBlock:
             changes.append(math.sqrt(sum(values[0][r] for r in rows) / d) if d > 0 else math.inf)
         return changes
 
+    @property
+    def tracks_velocity(self) -> bool:
+        """Whether this block's maps use the residual velocity (so computes must record it)."""
+        return bool(self._velocity_streams)
+
     def store(self, slots: torch.Tensor, positions: torch.Tensor | None, image_in: torch.Tensor,
-              image_out: torch.Tensor, text_in: torch.Tensor | None, text_out: torch.Tensor | None) -> None:
-        """Record a real computation of the block for rows ``slots``."""
+              image_out: torch.Tensor, text_in: torch.Tensor | None, text_out: torch.Tensor | None,
+              steps_between: torch.Tensor | None = None) -> None:
+        """Record a real computation of the block for rows ``slots``; with ``steps_between`` (steps since
+        each row's previous compute, 0 = none) also the per-step change of the block's residual."""
+        if steps_between is not None:
+            per_step = torch.where(steps_between > 0, 1.0 / steps_between.clamp_min(1), torch.zeros_like(steps_between))
+            for stream in self._velocity_streams:
+                new_in, new_out = (image_in, image_out) if stream == "image" else (text_in, text_out)
+                old_in = gather_rows(self._pools["in" if stream == "image" else "text_in"], slots,
+                                     positions if stream == "image" else None)
+                old_out = gather_rows(self._pools["out" if stream == "image" else "text_out"], slots,
+                                      positions if stream == "image" else None)
+                velocity = ((new_out - new_in) - (old_out - old_in)) * per_step[:, None, None]
+                write_rows(self._pools[f"{stream}_velocity"], slots, positions if stream == "image" else None, velocity)
         write_rows(self._pools["in"], slots, positions, image_in)
         write_rows(self._pools["out"], slots, positions, image_out)
         if text_in is not None:

@@ -161,12 +161,19 @@ def _accumulate(recording: _Recording, num_phases: int, max_gap: int,
         if len(ins) != steps:
             continue
         width = ins[0].shape[-1]
+        # the residual-velocity term exists for blocks (the static-token stack path does not use it)
+        with_velocity = name.startswith("block")
         for t in range(1, steps):
             for gap in range(1, min(max_gap, t) + 1):
-                delta_in = (ins[t] - ins[t - gap]).double()
-                target = (outs[t] - outs[t - gap]).double() - delta_in
+                cached = t - gap
+                delta_in = (ins[t] - ins[cached]).double()
+                target = (outs[t] - outs[cached]).double() - delta_in
+                velocity_term = None
+                if with_velocity and cached - gap >= 0:
+                    # gap * v, with v the per-step residual change between computes at cached-gap and cached
+                    velocity_term = ((outs[cached] - ins[cached]) - (outs[cached - gap] - ins[cached - gap])).double()
                 eq = equations.setdefault((name, phases[t]), NormalEquations(width))
-                eq.add(delta_in, target, gap)
+                eq.add(delta_in, target, gap, velocity_term)
             if name.startswith("block") and name.endswith(".image"):
                 block = int(name[len("block"):].split(".")[0])
                 prev = ins[t - 1].double()
@@ -199,7 +206,7 @@ def calibrate(
     tune_defaults: bool = True,
     target_psnr: float = 30.0,
     tolerances: Sequence[float] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6),
-    max_skip_steps: Sequence[int] = (4, 8),
+    max_skip_steps: Sequence[int] = (4, 8, 16),
     tune_samples: int = 8,
     save_to: str | Path | None = None,
     progress: bool = True,
@@ -247,19 +254,20 @@ def calibrate(
     for name in tqdm(names, desc="fitting maps", disable=not progress):
         width = fit_eq[(name, next(p for n, p in fit_eq if n == name))].dim
         use_rank = rank if rank is not None else (None if width <= 512 else 64)
-        corrections, us, vs, biases = [], [], [], []
+        corrections, us, vs, biases, gains = [], [], [], [], []
         errors = {"fitted": 0.0, "identity": 0.0, "output_reuse": 0.0}
         for phase in range(num_phases):
             eq = fit_eq.get((name, phase))
             if eq is None or eq.count == 0:
-                coeffs, u, v = torch.zeros(width + 1, width, dtype=torch.float64), None, None
+                coeffs, gain, u, v = torch.zeros(width + 1, width, dtype=torch.float64), 0.0, None, None
                 if use_rank is not None:
                     u = torch.zeros(width, use_rank, dtype=torch.float64)
                     v = torch.zeros(use_rank, width, dtype=torch.float64)
             else:
-                coeffs, u, v = eq.solve(ridge, use_rank)
+                coeffs, gain, u, v = eq.solve(ridge, use_rank)
             corrections.append(coeffs[:width])
             biases.append(coeffs[width])
+            gains.append(gain)
             if u is not None:
                 us.append(u)
                 vs.append(v)
@@ -267,16 +275,17 @@ def calibrate(
             if held is not None and held.count:
                 output_reuse = torch.zeros(width + 1, width, dtype=torch.float64)
                 output_reuse[:width] = -torch.eye(width, dtype=torch.float64)
-                errors["fitted"] += held.error(coeffs)
+                errors["fitted"] += held.error(coeffs, gain)
                 errors["identity"] += held.error(torch.zeros_like(coeffs))
                 errors["output_reuse"] += held.error(output_reuse)
         report.errors[name] = errors
+        velocity_gain = torch.tensor(gains, dtype=torch.float32) if any(gains) else None
         if us:
             maps[name] = LinearApproximator(u=torch.stack(us).float(), v=torch.stack(vs).float(),
-                                            bias=torch.stack(biases).float())
+                                            bias=torch.stack(biases).float(), velocity_gain=velocity_gain)
         else:
             maps[name] = LinearApproximator(correction=torch.stack(corrections).float(),
-                                            bias=torch.stack(biases).float())
+                                            bias=torch.stack(biases).float(), velocity_gain=velocity_gain)
     mean_change = scale_sums / np.maximum(scale_counts, 1)
     overall = scale_sums.sum() / max(scale_counts.sum(), 1)
     block_scales = torch.tensor(np.where(scale_counts > 0, mean_change / max(overall, 1e-12), 1.0), dtype=torch.float32)

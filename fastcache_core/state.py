@@ -28,12 +28,14 @@ class SampleState:
     step: int = 0
     reuse: list[BlockReuseState] = field(default_factory=list)
     computed_at: list[int] = field(default_factory=list)
+    previous_computed_at: list[int] = field(default_factory=list)  # -1: computed at most once
     teacache_accumulated: float = 0.0
     stats: SampleStats = field(default_factory=SampleStats)
 
     def __post_init__(self) -> None:
         self.reuse = [BlockReuseState() for _ in range(self.num_blocks)]
         self.computed_at = [0] * self.num_blocks
+        self.previous_computed_at = [-1] * self.num_blocks
 
     @property
     def uses_token_selection(self) -> bool:

@@ -30,6 +30,22 @@ def test_each_sample_in_a_mixed_batch_equals_its_solo_run(tiny_dit):
     assert approximated[0] == 0 and max(approximated) > 0 and len(set(approximated)) > 1
 
 
+def test_batch_invariance_holds_with_fitted_maps(tiny_dit):
+    from fastcache_core.calibration import calibrate
+
+    approximators, _ = calibrate(tiny_dit, num_samples=8, batch_size=4, num_inference_steps=STEPS,
+                                 guidance_scale=2.0, tune_defaults=False, save_to=None, progress=False)
+    cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig(calibration=approximators))
+    try:
+        batched, stats = denoise(tiny_dit, cache, MIXED, STEPS)
+        for sample, image in zip(MIXED, batched):
+            (solo,), _ = denoise(tiny_dit, cache, [sample], STEPS)
+            torch.testing.assert_close(image, solo, rtol=1e-4, atol=1e-5)
+    finally:
+        cache.remove()
+    assert all(s.approximator == "fitted" for s in stats) and max(s.blocks_approximated for s in stats) > 0
+
+
 def test_a_sample_joining_mid_run_equals_its_solo_run(tiny_dit):
     late = DiTSample(label=5, seed=21, params=CacheParams(tolerance=0.8), start=5)
     early = DiTSample(label=2, seed=22, params=CacheParams(tolerance=0.5))

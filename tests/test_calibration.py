@@ -32,6 +32,16 @@ def test_every_block_and_the_static_token_path_get_a_fitted_map(calibrated, tiny
     assert approximators.block_scales.shape == (3, approximators.num_phases)
 
 
+def test_block_maps_fit_a_residual_velocity_gain(calibrated):
+    approximators, _ = calibrated
+    for name, m in approximators.maps.items():
+        if name.startswith("block"):
+            assert m.velocity_gain is not None and m.velocity_gain.shape == (approximators.num_phases,)
+            assert m.velocity_gain.abs().sum() > 0
+        else:  # the static-token stack path has no velocity term
+            assert m.velocity_gain is None
+
+
 def test_low_rank_fit_stores_factors_and_still_beats_residual_reuse(tiny_dit):
     approximators, report = calibrate(tiny_dit, tune_defaults=False, save_to=None, rank=4, **SETTINGS)
     m = approximators.maps["block0.image"]
