@@ -143,12 +143,14 @@ class NormalEquations:
                  + gain * gain * self.velocity_sq)
         return float(value.clamp_min(0.0))
 
-    def solve(self, ridge: float, rank: int | None) -> tuple[torch.Tensor, float, torch.Tensor | None, torch.Tensor | None]:
+    def solve(self, ridge: float, rank: int | None,
+              fixed_gain: float | None = None) -> tuple[torch.Tensor, float, torch.Tensor | None, torch.Tensor | None]:
         """Ridge solution ``(A, gamma)``; with ``rank`` also the reduced-rank factors of A's D x D part.
 
         Returns ``(coefficients, gamma, u, v)``; ``coefficients`` is already the rank-reduced map when
-        ``rank`` is given, so its error is the error of what is stored. ``gamma`` comes from the
-        Schur complement of the joint problem (0 when no velocity term was seen).
+        ``rank`` is given, so its error is the error of what is stored. ``gamma`` is ``fixed_gain`` when
+        given (``A`` then fits what the velocity term leaves), else it comes from the Schur complement
+        of the joint problem (0 when no velocity term was seen).
         """
         d = self.dim
         scale = torch.diagonal(self.gram)[:d].mean().clamp_min(1e-12)
@@ -157,7 +159,10 @@ class NormalEquations:
         system = self.gram + penalty
         solved_y = torch.linalg.solve(system, self.cross)
         gain = 0.0
-        if float(self.velocity_sq) > 0:
+        if float(self.velocity_sq) > 0 and fixed_gain is not None:
+            gain = float(fixed_gain)
+            a = solved_y - gain * torch.linalg.solve(system, self.velocity_cross)
+        elif float(self.velocity_sq) > 0:
             solved_z = torch.linalg.solve(system, self.velocity_cross)
             numerator = self.velocity_target - (self.velocity_cross * solved_y).sum()
             denominator = self.velocity_sq - (self.velocity_cross * solved_z).sum()

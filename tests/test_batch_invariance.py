@@ -34,7 +34,7 @@ def test_batch_invariance_holds_with_fitted_maps(tiny_dit):
     from fastcache_core.calibration import calibrate
 
     approximators, _ = calibrate(tiny_dit, num_samples=8, batch_size=4, num_inference_steps=STEPS,
-                                 guidance_scale=2.0, tune_defaults=False, save_to=None, progress=False)
+                                 guidance_scale=2.0, tune_defaults=False, save_to=False, progress=False)
     cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig(calibration=approximators))
     try:
         batched, stats = denoise(tiny_dit, cache, MIXED, STEPS)
