@@ -101,6 +101,7 @@ class Engine:
         self._stop = False
         self._drain = False
         self.ready = False
+        self.startup_error: str | None = None
         self.steps_run = 0
 
     # ------------------------------------------------------------------ control
@@ -180,8 +181,9 @@ class Engine:
         try:
             if warmup:
                 self._warmup()
-        except Exception:  # a model that cannot run one step must not look ready
+        except Exception as error:  # a model that cannot run one step must not look ready
             logger.exception("engine warm-up failed")
+            self.startup_error = f"warm-up failed: {error}"
             return
         with self._lock:
             self.ready = True

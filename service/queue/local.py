@@ -67,6 +67,8 @@ class LocalBackend(JobBackend):
             return False, self._load_error
         if self.engine is None:
             return False, "model loading"
+        if self.engine.startup_error:
+            return False, self.engine.startup_error
         if not self.engine.ready:
             return False, "model warming up"
         return True, ""
