@@ -519,12 +519,12 @@ class FastCache:
                 out_image, out_text = sub.put(image, y_image), sub.put(text, y_text)
             if reused:
                 sub = _RowSubset(reused, n_rows, image.device)
-                a_image, a_text = self._approximate(index, maps, cache, sub, samples, local_rows, reuse, phases)
+                a_image, a_text = self._approximate(index, maps, cache, sub, samples, local_rows, phases)
                 out_image = a_image if not compute else sub.put(out_image, a_image, inplace=True)
                 out_text = a_text if not compute else sub.put(out_text, a_text, inplace=True)
             if index == 0:
                 fb_reuse = self._fbcache_decisions(slots, image, out_image, samples, local_rows, forced)
-            self._count_block(index, call, image, text, positions, samples, local_rows, reuse, maps)
+            self._count_block(index, call, image, text, samples, local_rows, reuse, maps)
             image, text = out_image, out_text
         return image, text
 
@@ -563,7 +563,7 @@ class FastCache:
         return reuse
 
     def _approximate(self, index: int, maps: ApproximatorSet, cache: "_CachedBlock", sub: "_RowSubset",
-                     samples: list[SampleState], local_rows: list[list[int]], reuse: list[bool],
+                     samples: list[SampleState], local_rows: list[list[int]],
                      phases: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Linear approximation of block ``index`` for the reusing rows ``sub``."""
         row_sample = {r: k for k, rs in enumerate(local_rows) for r in rs}
@@ -673,7 +673,7 @@ class FastCache:
             sample.stats.macs_full += full * n_rows
 
     def _count_block(self, index: int, call: dict[str, Any], image: torch.Tensor, text: torch.Tensor | None,
-                     positions: torch.Tensor | None, samples: list[SampleState], local_rows: list[list[int]],
+                     samples: list[SampleState], local_rows: list[list[int]],
                      reuse: list[bool], maps: ApproximatorSet) -> None:
         tokens = image.shape[1]
         computed_macs = None

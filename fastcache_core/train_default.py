@@ -71,7 +71,6 @@ def build_vae():
 
 def train_vae(out: Path, steps: int, seed: int, kl_weight: float = 1e-4) -> float:
     """Train the VAE, set its latent scaling factor, save it; return held-out reconstruction PSNR."""
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     data = load_digits_split()

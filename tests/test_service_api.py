@@ -1,9 +1,7 @@
 """The HTTP API: jobs, events, cancellation, overload, validation, auth, OpenAI compatibility, metrics."""
 
-import base64
 import json
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
