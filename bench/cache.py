@@ -93,7 +93,7 @@ def _fastcache_config(params: dict[str, Any] | None, use_calibration: bool, cali
 def build_variants(transformer: torch.nn.Module, args: argparse.Namespace) -> tuple[list[Variant], dict[str, Any]]:
     """The rows to measure, and facts about the calibration (for the report)."""
     from fastcache_core import apply_fastcache
-    from fastcache_core.peers import apply_peer
+    from bench.peers import apply_peer
 
     probe = apply_fastcache(transformer, _fastcache_config(None, True, args.calibration))
     defaults = probe.default_params.to_dict()
@@ -357,8 +357,8 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
 
 def load_judge(args: argparse.Namespace, sample_images: torch.Tensor):
     """A DigitsJudge, or None (with the reason logged) when there is no classifier or the images don't fit."""
-    from fastcache_core.digits import IMAGE_SIZE, DigitClassifier
-    from fastcache_core.metrics import DigitsJudge
+    from models.digits_dit.data import IMAGE_SIZE, DigitClassifier
+    from models.digits_dit.judge import DigitsJudge
 
     directory = Path(args.judge) if args.judge else Path(args.model) / "classifier"
     if not (directory / "config.json").is_file():
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
-    from fastcache_core.metrics import mean_finite, psnr, ssim
+    from fastcache_core.quality import mean_finite, psnr, ssim
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)

@@ -377,7 +377,7 @@ def _tune_defaults(pipe: Any, approximators: ApproximatorSet, prompts: list[Any]
     is at least ``target_psnr``; ties go to the higher PSNR. Falls back to the most careful setting."""
     from fastcache_core.cache import apply_fastcache
     from fastcache_core.config import CacheParams, FastCacheConfig
-    from fastcache_core.metrics import mean_finite, psnr
+    from fastcache_core.quality import mean_finite, psnr
 
     inputs = pipeline_inputs(pipe, prompts[:samples])
     reference = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images

@@ -21,7 +21,7 @@ def main() -> None:
     from diffusers import DiTPipeline
 
     from fastcache_core import FastCacheConfig, apply_fastcache
-    from fastcache_core.metrics import mean_finite, psnr
+    from fastcache_core.quality import mean_finite, psnr
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/digits-dit")

@@ -18,7 +18,7 @@ LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 @pytest.fixture(scope="session")
 def tiny_dit_dir(tmp_path_factory):
     """A tiny DiT pipeline saved as a local diffusers directory (with id2label), as users pass to --model."""
-    from fastcache_core.train_default import save_dit_pipeline
+    from models.pipeline_io import save_dit_pipeline
     from tests.tiny_pipelines import tiny_dit_pipeline
 
     path = tmp_path_factory.mktemp("models") / "tiny-dit"

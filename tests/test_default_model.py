@@ -8,7 +8,7 @@ from diffusers import DiTPipeline
 
 from fastcache_core import FastCacheConfig, apply_fastcache
 from fastcache_core.approx import CALIBRATION_FILENAME
-from fastcache_core.digits import DigitClassifier, load_digits_split
+from models.digits_dit.data import DigitClassifier, load_digits_split
 from service.settings import DEFAULT_MODEL
 
 MODEL = Path(DEFAULT_MODEL)

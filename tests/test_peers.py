@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastcache_core.peers import apply_peer
+from bench.peers import apply_peer
 
 PEERS = {
     "fbcache": {"threshold": 0.5},

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fastcache_core import METHODS
+from service.engine.image_stats import ImageStats
 
 CacheMethod = Literal[METHODS]  # type: ignore[valid-type]
 
@@ -47,21 +48,6 @@ class GenerateRequest(GenerationFields):
     width: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
     height: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
     output_format: Literal["png", "jpeg", "webp"] = "png"
-
-
-class ImageStats(BaseModel):
-    queue_wait_seconds: float
-    compute_seconds: float
-    steps: int
-    batch_sizes: list[int] = Field(description="images in the batch at each of this image's steps")
-    blocks_computed: int
-    blocks_approximated: int
-    tokens_computed_fraction: float
-    cache_hit_rate: float
-    mac_fraction: float = Field(description="estimated transformer MACs spent relative to uncached")
-    method: str
-    cache: dict[str, Any] = Field(description="the cache settings the image ran with, defaults filled in")
-    approximator: str
 
 
 class GeneratedImage(BaseModel):

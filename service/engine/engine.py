@@ -25,6 +25,7 @@ import torch
 
 from fastcache_core import FastCache, FastCacheConfig, apply_fastcache
 from service.engine.families import FamilyRunner, GenerationSpec, ModelLimits, Sample
+from service.engine.image_stats import ImageStats
 from service import telemetry
 
 logger = logging.getLogger(__name__)
@@ -329,20 +330,12 @@ class Engine:
             results.append({
                 "b64_json": data,
                 "seed": sample.spec.seed,
-                "stats": {
-                    "queue_wait_seconds": round((job.admitted_at or done) - job.submitted_at, 6),
-                    "compute_seconds": round(done - (job.first_step_at or done), 6),
-                    "steps": stats.steps,
-                    "batch_sizes": list(job.batch_sizes),
-                    "blocks_computed": stats.blocks_computed,
-                    "blocks_approximated": stats.blocks_approximated,
-                    "tokens_computed_fraction": stats.tokens_computed_fraction,
-                    "cache_hit_rate": stats.cache_hit_rate,
-                    "mac_fraction": stats.mac_fraction,
-                    "method": stats.method,
-                    "cache": stats.params,
-                    "approximator": stats.approximator,
-                },
+                "stats": ImageStats.from_sample(
+                    stats,
+                    queue_wait_seconds=(job.admitted_at or done) - job.submitted_at,
+                    compute_seconds=done - (job.first_step_at or done),
+                    batch_sizes=job.batch_sizes,
+                ).model_dump(),
             })
             telemetry.record_image(self.model_name, stats)
         job.samples = []

@@ -1,6 +1,6 @@
 """Train the bundled default model: a class-conditional DiT on handwritten digits, on CPU.
 
-    python -m fastcache_core.train_default --out models/digits-dit
+    python -m models.digits_dit.train --out models/digits-dit
 
 Produces a standard diffusers ``DiTPipeline`` directory (transformer, VAE, DDIM scheduler, id2label)
 plus ``classifier/`` (the digit classifier used for class accuracy and digits FID). Every stage is
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastcache_core.digits import LABEL_NAMES, DigitClassifier, load_digits_split
+from models.digits_dit.data import LABEL_NAMES, DigitClassifier, load_digits_split
+from models.pipeline_io import save_dit_pipeline
 
 NULL_CLASS = 1000  # DiTPipeline hard-codes 1000 as the unconditional class id
 
@@ -101,16 +102,6 @@ def train_vae(out: Path, steps: int, seed: int, kl_weight: float = 1e-4) -> floa
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(out / "vae")
     return 10 * math.log10(1.0 / mse)
-
-
-def save_dit_pipeline(pipe, out: Path, labels: Sequence[str]) -> None:
-    """``save_pretrained`` plus ``id2label`` in model_index.json, which DiTPipeline reads back but does
-    not write itself; with it ``pipe.get_label_ids(["seven"])`` works after ``from_pretrained``."""
-    pipe.save_pretrained(out)
-    index_path = Path(out) / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["id2label"] = {str(i): name for i, name in enumerate(labels)}
-    index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_transformer():
@@ -201,7 +192,7 @@ def evaluate(out: Path, samples: int, guidance_scales: list[float], steps: int =
     """Generate ``samples`` digits per guidance scale and measure class accuracy and digits FID."""
     from diffusers import DiTPipeline
 
-    from fastcache_core.metrics import DigitsJudge
+    from models.digits_dit.judge import DigitsJudge
 
     pipe = DiTPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)

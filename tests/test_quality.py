@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fastcache_core.metrics import frechet_distance, mean_finite, psnr, ssim
+from fastcache_core.quality import frechet_distance, mean_finite, psnr, ssim
 
 
 def images(seed=0, n=4, c=1, size=32):
