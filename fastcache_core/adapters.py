@@ -50,13 +50,21 @@ class TransformerAdapter:
     rotary_kwarg: str | None = None
     unsupported_forward_kwargs: tuple[str, ...] = ()
     timestep_scale = 1000.0
+    output_projection_name = "proj_out"
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         return list(transformer.transformer_blocks)
 
-    def normalized_time(self, timestep: torch.Tensor) -> list[float]:
-        """Noise level of each row in [0, 1] (1 = pure noise), read from the transformer's ``timestep``."""
-        return [min(1.0, max(0.0, float(t) / self.timestep_scale)) for t in timestep.reshape(-1).tolist()]
+    def normalized_time(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Noise level of each row in [0, 1] (1 = pure noise) from the transformer's ``timestep``, as a
+        float32 tensor on the timestep's device (no host round trip)."""
+        return (timestep.reshape(-1).float() / self.timestep_scale).clamp(0.0, 1.0)
+
+    def output_projection(self, transformer: nn.Module) -> torch.Tensor | None:
+        """Weight of the model's last linear layer (stack output -> predicted noise patches): forecast
+        errors are measured through it, in the space the sampler integrates. ``None`` if absent."""
+        layer = getattr(transformer, self.output_projection_name, None)
+        return layer.weight if isinstance(layer, nn.Linear) else None
 
     def bind_call(self, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Turn a block call's arguments into one keyword dictionary."""
@@ -119,6 +127,7 @@ class TransformerAdapter:
 class DiTAdapter(TransformerAdapter):
     family = "dit"
     batched_kwargs = ("timestep", "class_labels")
+    output_projection_name = "proj_out_2"
 
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
         return block.norm1(image, call["timestep"], call["class_labels"], hidden_dtype=image.dtype)[0]

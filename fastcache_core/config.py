@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fastcache_core.approx import ApproximatorSet
+    from fastcache_core.profile import CacheProfile
 
-METHODS = ("none", "fastcache", "teacache", "fbcache")
-"""Per-sample methods the cache runs itself. ``none`` computes everything; ``teacache`` and
-``fbcache`` are whole-stack reuse rules (TeaCache, First-Block-Cache) decided per sample."""
+METHODS = ("none", "fastcache", "taylorseer", "teacache", "fbcache")
+"""Per-sample methods the cache runs itself. ``none`` computes everything; ``taylorseer`` forecasts
+like FastCache but refreshes at a fixed interval; ``teacache`` and ``fbcache`` are stack reuse rules
+(TeaCache, First-Block-Cache). All of them decide per sample."""
 
 
 @dataclass(frozen=True)
@@ -25,24 +26,27 @@ class CacheParams:
     """Cache settings of one request (one sample and its guidance pair).
 
     Args:
-        method: ``"fastcache"`` (the default), ``"none"``, or a per-sample peer: ``"teacache"``,
-            ``"fbcache"``.
-        tolerance: tau, the relative change of a block's input that counts as noise. A block is
-            reused while the chi-square test accepts that its input moved by no more than tau since
-            it was last computed. ``0`` computes every block. For ``teacache`` and ``fbcache`` it is
-            their threshold (accumulated rescaled change, first-block residual change). Range [0, 1].
+        method: ``"fastcache"`` (the default), ``"none"``, or a per-sample peer: ``"taylorseer"``,
+            ``"teacache"``, ``"fbcache"``.
+        tolerance: tau. For ``fastcache``: the relative forecast drift (in the transformer's output
+            space, beyond the model's calibrated per-step noise floor) accepted as noise by the
+            chi-square test at each real compute; larger values refresh less often. ``0`` computes
+            every step. For ``teacache`` and ``fbcache`` it is their threshold (accumulated rescaled
+            change, first-block residual change); for ``taylorseer`` any value above 0 enables it.
+            Range [0, 1].
         significance: alpha, the significance level of the chi-square test: the probability of
-            recomputing a block whose change really is noise of scale tau. Range (0, 0.5].
-        motion_threshold: spatial token selection. A token whose relative change since the previous
-            step is below this value is *static*: it skips the blocks and takes the fitted linear
-            path. ``0`` disables token selection. Range [0, 1].
+            shortening the horizon of a sample whose drift really is noise of scale tau. Range (0, 0.5].
+        motion_threshold: spatial token selection. At a real compute, a token whose relative change
+            since the sample's last real compute is below this value is *static*: it skips the blocks
+            and takes the forecast. ``0`` disables token selection. Range [0, 1].
         motion_fraction: alternative to ``motion_threshold``: compute exactly this fraction of the
             image tokens (the most salient ones). ``None`` or ``1`` disables it. Range (0, 1].
         merge_ratio: k-NN density token merging: fraction of the computed image tokens merged into
             their nearest neighbour before the blocks and unmerged after. ``0`` disables it.
             Range [0, 0.9].
-        max_skip_steps: the most consecutive steps a block (or a static token) may be reused before a
-            real compute is forced. Range [1, 100].
+        max_skip_steps: the most consecutive forecast steps between two real computes (for
+            ``taylorseer``: exactly this many, i.e. its cache interval is ``max_skip_steps + 1``); also
+            the most consecutive computes a static token may skip. Range [1, 100].
     """
 
     method: str | None = None
@@ -97,7 +101,7 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
 
 DEFAULT_PARAMS = CacheParams(
     method="fastcache",
-    tolerance=0.1,
+    tolerance=0.02,
     significance=0.05,
     motion_threshold=0.0,
     motion_fraction=1.0,
@@ -112,21 +116,18 @@ class FastCacheConfig:
     """Model-level FastCache configuration, in the style of diffusers' cache configs.
 
     Args:
-        enabled: when ``False`` every block is computed (the cache still counts steps). Default ``True``.
+        enabled: when ``False`` every step is computed (the cache still counts steps). Default ``True``.
         params: default ``CacheParams`` for samples that bring none (plain pipeline calls). Fields left
             ``None`` take the calibrated defaults. Default: all ``None``.
-        first_steps: number of initial denoising steps of each sample that always compute every block
-            and token; the early trajectory sets the image layout. Default ``2``.
+        first_steps: number of initial denoising steps of each sample that always compute; the early
+            trajectory sets the image layout and the forecast needs two real computes. Default ``2``.
         last_steps: number of final steps that always compute, when the sample's step count is known
             (given by a batch runner or ``FastCache.set_run``). Default ``1``.
-        accumulation_limit: bound on the sum of the relative input changes over consecutive reuses of a
-            block, in units of that block's tolerance; passing it forces a compute so error cannot
-            drift. Default ``3.0``.
-        calibration: path of a calibration file (or a loaded ``ApproximatorSet``); ``None`` looks for
+        calibration: path of a calibration file (or a loaded ``CacheProfile``); ``None`` looks for
             ``fastcache_calibration.safetensors`` in the directory the transformer was loaded from.
             Default ``None``.
-        use_calibration: set ``False`` to ignore any calibration file and use residual reuse
-            (W = I) with unit block scales. Default ``True``.
+        use_calibration: set ``False`` to ignore any calibration file: unit forecast gain, no noise
+            floor, unit phase weights. Default ``True``.
         token_granularity: computed-token counts are rounded up to a multiple of this (``None``:
             1/16 of the image tokens) so samples with similar counts share a batched block call.
         knn_neighbors: k of the k-NN density used for token merging. Default ``5``.
@@ -136,8 +137,7 @@ class FastCacheConfig:
     params: CacheParams = field(default_factory=CacheParams)
     first_steps: int = 2
     last_steps: int = 1
-    accumulation_limit: float = 3.0
-    calibration: "str | Path | ApproximatorSet | None" = None
+    calibration: "str | Path | CacheProfile | None" = None
     use_calibration: bool = True
     token_granularity: int | None = None
     knn_neighbors: int = 5
@@ -145,8 +145,6 @@ class FastCacheConfig:
     def __post_init__(self) -> None:
         if self.first_steps < 0 or self.last_steps < 0:
             raise ValueError("first_steps and last_steps must be >= 0")
-        if self.accumulation_limit <= 0:
-            raise ValueError("accumulation_limit must be > 0")
         if self.knn_neighbors < 1:
             raise ValueError("knn_neighbors must be >= 1")
 

@@ -1,21 +1,27 @@
-"""The reuse rules: FastCache's chi-square test with its error guards, and the peers' thresholds.
+"""The refresh rules: at which steps a sample's transformer really runs, and when it is forecast.
 
-FastCache's rule for block ``l`` of sample ``b`` at step ``t``: let ``H`` be the block's input over
-the ``n`` tokens it processes (``n * d`` numbers) and ``H_c`` the same block's input at the step
-``t_c`` where it was last computed. The relative change is
+**FastCache** (per sample). Between real computes a sample's stack output is forecast from its own
+history (``forecast.py``). At every real compute the forecast that *would* have been used is compared
+with the real output, in the transformer's output space (what the sampler integrates):
 
-    delta = ||H - H_c||_F / ||H_c||_F.
+    e = ||P (Y_hat - Y)|| / ||P Y||      (P: the model's output projection)
 
-Null hypothesis: the change is noise of relative scale ``tau``, i.e. each of the ``n*d`` entries of
-``H - H_c`` is N(0, (tau * ||H_c||_F)^2 / (n*d)). Then ``n*d*delta^2/tau^2 ~ chi2(n*d)`` and the block
-is reused when the test accepts at significance ``alpha``:
+Part of that error is the model's per-step noise floor ``f`` (calibrated per schedule phase: the error
+of a one-step forecast on uncached runs; it comes from timestep-embedding jitter that cancels over
+steps instead of accumulating). What accumulates is the drift ``d = sqrt(max(e^2 - f^2, 0))``. Null
+hypothesis: the drift is noise of relative scale ``tau`` (the request's tolerance times the phase's
+calibrated weight), i.e. each of the ``n`` output numbers of the difference is N(0, (tau ||P Y||)^2 / n),
+so ``n d^2 / tau^2 ~ chi2(n)``. The test accepts at significance ``alpha`` when
 
-    n*d * delta^2 / tau^2 <= chi2_{1-alpha}(n*d).
+    n d^2 / tau^2 <= chi2_{1-alpha}(n).
 
-For large ``n*d`` the right side is ~``n*d*(1 + z_{1-alpha} sqrt(2/(n*d)))``, so the rule reuses a block
-when delta is below ~tau and recomputes when it is above: it discriminates (unlike a bound that
-accepts any change below 100%). Guards force a compute when the change accumulated over consecutive
-reuses passes ``accumulation_limit * tau`` or when ``max_skip_steps`` consecutive reuses are reached.
+A first-order forecast's drift grows with the square of the horizon, so the next horizon is the
+current gap scaled by ``sqrt(limit / d)`` (``limit``: the largest drift the test accepts): it grows
+(at most by ``growth``) when the test accepts and shrinks when it rejects, bounded by
+``max_skip_steps`` forecast steps in a row. Every decision uses the sample's own numbers only.
+
+**Peers** decided per sample inside the same cache: TaylorSeer (fixed interval), TeaCache
+(accumulated rescaled input change), First-Block-Cache (first block's residual change).
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from statistics import NormalDist
 def chi_square_quantile(probability: float, dof: int) -> float:
     """Quantile of the chi-square distribution with ``dof`` degrees of freedom (Wilson-Hilferty).
 
-    Relative error is below 1e-3 for ``dof >= 30``; the rule always has ``dof = tokens * width``,
-    which is in the thousands.
+    Relative error is below 1e-3 for ``dof >= 30``; the rule's ``dof`` is the number of output numbers
+    of a sample, which is in the thousands.
     """
     if not 0.0 < probability < 1.0:
         raise ValueError("probability must be in (0, 1)")
@@ -42,52 +48,69 @@ def chi_square_quantile(probability: float, dof: int) -> float:
     return dof * max(1.0 - h + z * math.sqrt(h), 0.0) ** 3
 
 
-def max_reusable_change(tolerance: float, significance: float, dof: int) -> float:
-    """The largest relative change ``delta`` the chi-square test accepts as noise of scale ``tolerance``."""
+def max_accepted_error(tolerance: float, significance: float, dof: int) -> float:
+    """The largest relative error the chi-square test accepts as noise of scale ``tolerance``."""
     if tolerance <= 0.0:
-        return -1.0  # nothing is accepted: even delta == 0 recomputes
+        return -1.0  # nothing is accepted: even an exact forecast recomputes
     return tolerance * math.sqrt(chi_square_quantile(1.0 - significance, dof) / dof)
 
 
+def drift_above_floor(error: float, floor: float) -> float:
+    """The part of a forecast error above the per-step noise floor (they add in quadrature)."""
+    return math.sqrt(max(error * error - floor * floor, 0.0))
+
+
 @dataclass
-class BlockReuseState:
-    """What the guards know about one block of one sample: reuses since the last real compute."""
+class RefreshState:
+    """One sample's refresh bookkeeping for the forecasting methods (FastCache, TaylorSeer)."""
 
-    consecutive_reuses: int = 0
-    accumulated_change: float = 0.0
-    computed_once: bool = False
-
-    def record_compute(self) -> None:
-        self.consecutive_reuses = 0
-        self.accumulated_change = 0.0
-        self.computed_once = True
-
-    def record_reuse(self, delta: float) -> None:
-        self.consecutive_reuses += 1
-        self.accumulated_change += delta
+    next_compute: int = 0
+    """Step index of the next real compute."""
+    computes: int = 0
+    """Real computes so far (a forecast needs at least one, a first-order one two)."""
+    last_compute: int = -1
+    """Step index of the last real compute."""
+    last_error: float | None = None
+    """Relative forecast error measured at the last real compute (``None`` before there was one)."""
 
 
-def fastcache_reuses_block(
-    delta: float,
+def fastcache_next_horizon(
+    error: float,
+    floor: float,
     tolerance: float,
     significance: float,
     dof: int,
-    state: BlockReuseState,
+    gap: int,
     max_skip_steps: int,
-    accumulation_limit: float,
-) -> bool:
-    """FastCache's decision for one block of one sample: ``True`` to reuse (approximate) it.
+    growth: float,
+    min_horizon: int = 1,
+) -> int:
+    """FastCache's rule: steps until the next real compute, from the error measured at this one.
 
-    ``tolerance`` is the block's effective tau (the request's tolerance times the block's calibrated
-    scale). Reuse needs a cached computation, the chi-square test to accept, and both guards to hold.
+    ``error`` is the relative forecast error at this compute, ``floor`` the calibrated per-step noise
+    floor, ``tolerance`` the effective tau (request tolerance times phase weight), ``gap`` the steps
+    since the previous compute. ``min_horizon`` (calibrated) keeps a rejection from asking for
+    back-to-back computes when the measurement is dominated by the noise floor. Returns a horizon
+    in ``[min(min_horizon, max_skip_steps + 1), max_skip_steps + 1]``.
     """
-    if not state.computed_once or tolerance <= 0.0:
-        return False
-    if state.consecutive_reuses >= max_skip_steps:
-        return False
-    if state.accumulated_change + delta > accumulation_limit * tolerance:
-        return False
-    return delta <= max_reusable_change(tolerance, significance, dof)
+    longest = max_skip_steps + 1
+    shortest = min(max(1, min_horizon), longest)
+    limit = max_accepted_error(tolerance, significance, dof)
+    if limit <= 0.0:
+        return 1
+    drift = drift_above_floor(error, floor)
+    ratio = math.sqrt(limit / drift) if drift > 0.0 else math.inf
+    if drift <= limit:  # accepted: the forecast may reach further
+        horizon = max(gap, math.floor(gap * min(growth, ratio)))
+    else:  # rejected: compute sooner
+        horizon = math.floor(gap * ratio)
+    return max(shortest, min(longest, horizon))
+
+
+def taylorseer_computes(step: int, warmup_steps: int, interval: int) -> bool:
+    """TaylorSeer (Liu et al., 2025), as diffusers schedules it: compute the first ``warmup_steps``
+    steps, then step ``warmup_steps + 1`` and every ``interval``-th step after it."""
+    return step < warmup_steps or (step - warmup_steps - 1) % max(1, interval) == 0
 
 
 def teacache_reuses_stack(accumulated: float, threshold: float) -> bool:

@@ -13,32 +13,25 @@ from typing import Hashable
 import torch
 
 from fastcache_core.config import CacheParams
-from fastcache_core.decisions import BlockReuseState
+from fastcache_core.decisions import RefreshState
 from fastcache_core.stats import SampleStats
 
 
 @dataclass
 class SampleState:
-    """One sample's settings, progress, per-block reuse state and counters."""
+    """One sample's settings, progress, refresh bookkeeping and counters."""
 
     sample_id: Hashable
     params: CacheParams
     num_steps: int | None
-    num_blocks: int
     step: int = 0
-    reuse: list[BlockReuseState] = field(default_factory=list)
-    computed_at: list[int] = field(default_factory=list)
-    previous_computed_at: list[int] = field(default_factory=list)  # -1: computed at most once
+    refresh: RefreshState = field(default_factory=RefreshState)
     teacache_accumulated: float = 0.0
     stats: SampleStats = field(default_factory=SampleStats)
 
-    def __post_init__(self) -> None:
-        self.reuse = [BlockReuseState() for _ in range(self.num_blocks)]
-        self.computed_at = [0] * self.num_blocks
-        self.previous_computed_at = [-1] * self.num_blocks
-
     @property
     def uses_token_selection(self) -> bool:
+        """Whether real computes of this sample run only its moving tokens (or merge tokens)."""
         p = self.params
         return p.method == "fastcache" and (p.motion_threshold > 0.0 or p.motion_fraction < 1.0 or p.merge_ratio > 0.0)
 
@@ -93,6 +86,19 @@ class RowPool:
 
     def clear(self) -> None:
         self.tensors.clear()
+
+    def zero_rows(self, slots: torch.Tensor) -> None:
+        """Zero every tensor at ``slots``: a row that takes a slot over inherits nothing from its last owner."""
+        for tensor in self.tensors.values():
+            tensor.index_fill_(0, slots.to(tensor.device), 0)
+
+    def reset(self) -> None:
+        """Drop every tensor and slot (only when no row is live): the memory goes back to the allocator."""
+        if self._used:
+            raise RuntimeError("RowPool.reset() with live rows")
+        self.tensors.clear()
+        self._free.clear()
+        self.capacity = 0
 
     def _grow(self, capacity: int) -> None:
         for name, tensor in self.tensors.items():

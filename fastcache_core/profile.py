@@ -1,0 +1,106 @@
+"""``CacheProfile``: what calibration fits for one model, saved next to its transformer.
+
+Per schedule phase (``num_phases`` equal slices of normalized time, phase 0 at pure noise):
+
+* ``forecast_gain``: the first-order gain of the forecaster (1 = Taylor's first order; fitted by
+  least squares on uncached runs, kept only when it wins end to end);
+* ``error_floor``: the relative one-step forecast error of uncached runs in the output space, the
+  per-step noise floor the refresh rule subtracts (``decisions.py``);
+* ``tolerance_weight``: how much forecast drift the phase tolerates relative to the others (from the
+  measured sensitivity of the final image to output errors in that phase), mean 1.
+
+``metadata`` holds TeaCache's rescaling polynomial, the calibrated default ``CacheParams``, the growth
+limit and shortest horizon of the refresh rule and the calibration report. A profile with no tensors is the uncalibrated
+default: unit gain, no floor, unit weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CALIBRATION_FILENAME = "fastcache_calibration.safetensors"
+PROFILE_TENSORS = ("forecast_gain", "error_floor", "tolerance_weight")
+DEFAULT_GROWTH = 2.0
+
+
+def phase_of(normalized_time: float, num_phases: int) -> int:
+    """Phase index of a step: ``0`` at pure noise (normalized time 1) up to ``num_phases - 1`` at the end."""
+    return min(num_phases - 1, max(0, int((1.0 - normalized_time) * num_phases)))
+
+
+@dataclass
+class CacheProfile:
+    """Calibrated per-phase coefficients of FastCache for one model (see the module docstring)."""
+
+    num_phases: int = 1
+    forecast_gain: torch.Tensor | None = None
+    error_floor: torch.Tensor | None = None
+    tolerance_weight: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether any coefficient came from a calibration."""
+        return any(getattr(self, name) is not None for name in PROFILE_TENSORS)
+
+    @property
+    def growth(self) -> float:
+        """The most a horizon may grow from one compute to the next."""
+        return float(self.metadata.get("growth", DEFAULT_GROWTH))
+
+    @property
+    def min_horizon(self) -> int:
+        """The shortest horizon a rejection sets (1: back-to-back computes allowed)."""
+        return int(self.metadata.get("min_horizon", 1))
+
+    def gain(self, phase: int) -> float:
+        return 1.0 if self.forecast_gain is None else float(self.forecast_gain[phase])
+
+    def floor(self, phase: int) -> float:
+        return 0.0 if self.error_floor is None else float(self.error_floor[phase])
+
+    def weight(self, phase: int) -> float:
+        return 1.0 if self.tolerance_weight is None else float(self.tolerance_weight[phase])
+
+    def gains_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Per-phase forecast gains, shape (num_phases,), for on-device lookups."""
+        gains = self.forecast_gain if self.forecast_gain is not None else torch.ones(self.num_phases)
+        return gains.to(device=device, dtype=dtype)
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile to a safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {name: getattr(self, name).float().contiguous().cpu()
+                   for name in PROFILE_TENSORS if getattr(self, name) is not None}
+        meta = {"num_phases": str(self.num_phases), "metadata": json.dumps(self.metadata)}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CacheProfile":
+        """Read a profile written by :meth:`save`."""
+        from safetensors import safe_open
+
+        values: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for key in f.keys():
+                if key not in PROFILE_TENSORS:
+                    raise ValueError(f"{path} is not a FastCache profile (unknown tensor {key!r}); recalibrate the model")
+                values[key] = f.get_tensor(key)
+        return cls(int(meta.get("num_phases", "1")), metadata=json.loads(meta.get("metadata", "{}")), **values)
+
+
+def default_calibration_path(transformer: torch.nn.Module) -> Path | None:
+    """Where the calibration of a transformer loaded with ``from_pretrained`` lives, if anywhere."""
+    source = getattr(getattr(transformer, "config", None), "_name_or_path", None)
+    if not source:
+        return None
+    path = Path(source) / CALIBRATION_FILENAME
+    return path if path.is_file() else None
