@@ -52,7 +52,7 @@ from bench.common import (
 
 ROW_KEYS = ("method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid",
             "peak_mem_bytes")
-METHOD_NAMES = ("none", "fastcache", "fbcache", "teacache", "taylorseer", "pab")
+METHOD_NAMES = ("none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache", "cachedit")
 UNCHANGED_FLAG = "output identical to uncached: the method never engaged"
 
 DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -62,6 +62,18 @@ TAYLORSEER_SETTINGS = ({"cache_interval": 3, "disable_cache_before_step": 3, "ma
                        {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1})
 PAB_SETTINGS = ({"block_skip_range": 2, "timestep_skip_range": [100, 800]},
                 {"block_skip_range": 4, "timestep_skip_range": [100, 800]})
+# peers' settings chosen to span MAC fractions ~0.15-0.5 on models/digits-dit (50 DDIM steps, guidance 1.5)
+MAGCACHE_SETTINGS = ({"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},  # diffusers' defaults
+                     {"threshold": 0.24, "max_skip_steps": 3, "retention_ratio": 0.1},
+                     {"threshold": 0.8, "max_skip_steps": 8, "retention_ratio": 0.04})
+MAGCACHE_CALIBRATION_IMAGES = 10  # labels 0..9, seeds from MAGCACHE_CALIBRATION_SEED on, none of the benchmark's
+MAGCACHE_CALIBRATION_SEED = 1_000_000
+SEACACHE_SETTINGS = ({"threshold": 0.25, "max_consecutive_cached": 2},  # diffusers' defaults
+                     {"threshold": 0.5, "max_consecutive_cached": 4},
+                     {"threshold": 0.75, "max_consecutive_cached": 8})
+CACHEDIT_SETTINGS = ({"threshold": 0.2, "max_warmup_steps": 4, "max_continuous_cached_steps": 2},
+                     {"threshold": 0.3, "max_warmup_steps": 4, "max_continuous_cached_steps": 3},
+                     {"threshold": 1.0, "max_warmup_steps": 4, "max_continuous_cached_steps": 6})
 ABLATION_MERGE_RATIO = 0.25
 ABLATION_MOTION_FRACTION = 0.5
 
@@ -90,8 +102,12 @@ def _fastcache_config(params: dict[str, Any] | None, use_calibration: bool, cali
     return FastCacheConfig(params=cache_params, use_calibration=use_calibration, calibration=calibration)
 
 
-def build_variants(transformer: torch.nn.Module, args: argparse.Namespace) -> tuple[list[Variant], dict[str, Any]]:
-    """The rows to measure, and facts about the calibration (for the report)."""
+def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
+                   pipe: Any = None) -> tuple[list[Variant], dict[str, Any]]:
+    """The rows to measure, and facts about the calibration (for the report).
+
+    ``pipe`` (the pipeline around ``transformer``) gives MagCache its calibration runs and the peers
+    their scheduler; without it the ``magcache``, ``seacache`` and ``cachedit`` rows are left out."""
     from fastcache_core import apply_fastcache
     from bench.peers import apply_peer
 
@@ -173,8 +189,54 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace) -> tu
                                             timestep_skip_range=tuple(s["timestep_skip_range"])),
             key=("pab", setting["block_skip_range"], low, high)))
 
+    variants.extend(_more_peer_variants(args, pipe))
+
     wanted = set(args.methods)
     return [v for v in variants if v.method == "none" or v.method in wanted], info
+
+
+def _more_peer_variants(args: argparse.Namespace, pipe: Any) -> list[Variant]:
+    """MagCache and SeaCache (diffusers' hooks) and cache-dit's DBCache + TaylorSeer (optional package)."""
+    from bench.peers import MagCacheCalibration, apply_peer, peer_unavailable_reason
+
+    variants: list[Variant] = []
+    wanted = set(args.methods)
+    if pipe is None:
+        if wanted & {"magcache", "seacache", "cachedit"}:
+            log.warning("no pipeline given: magcache, seacache and cachedit rows are left out")
+        return variants
+    scheduler = pipe.scheduler
+    # MagCache's magnitude ratios: calibrated once per run (on first use), on seeds the benchmark never uses
+    bench_seeds = set(range(args.seed, args.seed + args.samples))
+    seeds = list(itertools.islice((s for s in itertools.count(MAGCACHE_CALIBRATION_SEED) if s not in bench_seeds),
+                                  MAGCACHE_CALIBRATION_IMAGES))
+    labels = [i % 10 for i in range(MAGCACHE_CALIBRATION_IMAGES)]
+    mag = MagCacheCalibration(pipe, args.model, labels, seeds)
+    calibration = {"calibration_images": len(seeds), "calibration_seeds": [seeds[0], seeds[-1]]}
+    for s in MAGCACHE_SETTINGS:
+        variants.append(Variant(
+            "magcache", f"thr={s['threshold']:g} K={s['max_skip_steps']} retention={s['retention_ratio']:g}",
+            {"implementation": "diffusers", **s, **calibration},
+            lambda t, s=s: apply_peer(t, "magcache", mag_ratios=mag.ratios(args.steps, args.guidance),
+                                      scheduler=scheduler, **s),
+            key=("magcache", tuple(s.items()))))
+    for s in SEACACHE_SETTINGS:
+        variants.append(Variant(
+            "seacache", f"thr={s['threshold']:g} max cached={s['max_consecutive_cached']} order=1",
+            {"implementation": "diffusers", "residual_order": 1, **s},
+            lambda t, s=s: apply_peer(t, "seacache", scheduler=scheduler, **s), key=("seacache", tuple(s.items()))))
+    unavailable = peer_unavailable_reason("cachedit")
+    if unavailable:
+        if "cachedit" in wanted:
+            log.warning("cachedit rows skipped: %s", unavailable)
+        return variants
+    for s in CACHEDIT_SETTINGS:
+        variants.append(Variant(
+            "cachedit", f"DBCache F1B0 thr={s['threshold']:g} W={s['max_warmup_steps']} "
+                        f"max cached={s['max_continuous_cached_steps']} + TaylorSeer O1",
+            {"implementation": "cache-dit", "fn_compute_blocks": 1, "bn_compute_blocks": 0, "taylorseer_order": 1, **s},
+            lambda t, s=s: apply_peer(t, "cachedit", scheduler=scheduler, **s), key=("cachedit", tuple(s.items()))))
+    return variants
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -283,7 +345,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES),
-                        help="comma list among " + ", ".join(METHOD_NAMES) + " (the uncached reference always runs)")
+                        help="comma list among " + ", ".join(METHOD_NAMES) + " (the uncached reference always runs; "
+                             "cachedit needs the optional cache-dit package and is skipped without it)")
     parser.add_argument("--tolerances", default=",".join(f"{t:g}" for t in DEFAULT_TOLERANCES),
                         help="FastCache tolerance sweep (the default setting is added)")
     parser.add_argument("--teacache-thresholds", default=",".join(f"{t:g}" for t in DEFAULT_TEACACHE_THRESHOLDS))
@@ -392,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                              scheduler=ref_pipe.scheduler)
     bench_pipe.set_progress_bar_config(disable=True)
 
-    variants, info = build_variants(bench_pipe.transformer, args)
+    variants, info = build_variants(bench_pipe.transformer, args, pipe=bench_pipe)
     gen = ImageRunner(labels=[i % 10 for i in range(args.samples)],
                       seeds=[args.seed + i for i in range(args.samples)],
                       steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, device=device)
@@ -548,7 +611,7 @@ def plot_pareto(rows: list[dict[str, Any]], labels: list[str], path: str, title:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=120)
     colors = {"fastcache": "tab:red", "teacache": "tab:blue", "fbcache": "tab:green", "taylorseer": "tab:purple",
-              "pab": "tab:orange"}
+              "pab": "tab:orange", "magcache": "tab:brown", "seacache": "tab:pink", "cachedit": "tab:olive"}
     points = [(r, label) for r, label in zip(rows, labels) if r["method"] != "none" and r["speedup"] is not None
               and r["psnr_db"] is not None]
     for method, color in colors.items():

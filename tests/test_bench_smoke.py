@@ -1,13 +1,19 @@
 """Smoke tests of the benchmarks on a tiny model: structure of their output only, never timing."""
 
+import importlib.util
 import json
+import logging
 import math
+import sys
 
 import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {"method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid", "peak_mem_bytes"}
-METHODS = {"none", "fastcache", "fbcache", "teacache", "taylorseer", "pab"}
+# cache-dit is an optional bench extra: its rows exist only where it is installed
+OPTIONAL_METHODS = {"cachedit": importlib.util.find_spec("cache_dit") is not None}
+METHODS = {"none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache"} | {
+    method for method, installed in OPTIONAL_METHODS.items() if installed}
 
 
 def finite(value):
@@ -40,8 +46,8 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     assert {"block_cache_only", "token_selection_only", "block_cache+token_selection+merge",
             "uncalibrated_identity_W"} <= ablations
     assert len([r for r in rows if r["method"] == "teacache"]) >= 3
-    for peer in ("fbcache", "taylorseer", "pab"):
-        assert len([r for r in rows if r["method"] == peer]) >= 2
+    for peer in METHODS - {"none", "fastcache", "teacache"}:
+        assert len([r for r in rows if r["method"] == peer]) >= 2, peer
     assert plot.read_bytes()[:8] == PNG_MAGIC
     table = capsys.readouterr().out
     assert "| method |" in table and "taylorseer" in table
@@ -55,6 +61,17 @@ def test_bench_cache_methods_filter(tiny_dit_dir, tmp_path):
                        "--no-progress", "--methods", "pab", "--json", str(out)])
     assert [r["method"] for r in rows] == ["none", "pab", "pab"]
     assert json.loads(out.read_text()) == rows
+
+
+def test_bench_cache_skips_cachedit_rows_without_cache_dit(tiny_dit_dir, monkeypatch, caplog):
+    from bench import cache
+
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # makes `import cache_dit` fail, as when not installed
+    with caplog.at_level(logging.WARNING, logger="bench.cache"):
+        rows = cache.main(["--model", str(tiny_dit_dir), "--quick", "--samples", "1", "--steps", "4", "--threads", "1",
+                           "--no-progress", "--methods", "cachedit"])
+    assert [r["method"] for r in rows] == ["none"]
+    assert "cachedit rows skipped: cache-dit is not installed" in caplog.text
 
 
 def test_bench_serve_quick_on_a_tiny_model(tiny_dit_dir, tmp_path):
