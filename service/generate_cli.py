@@ -221,11 +221,12 @@ def save_images(result: dict[str, Any], prompt: str, output: Path) -> list[tuple
 
 
 def stats_table(saved: list[tuple[Path, dict[str, Any]]]) -> str:
-    header = f"{'file':<36} {'seed':>6} {'compute s':>9} {'queue s':>8} {'hit rate':>8} {'MACs':>6}  method"
+    width = max([len("file")] + [len(str(path)) for path, _ in saved])
+    header = f"{'file':<{width}} {'seed':>6} {'compute s':>9} {'queue s':>8} {'hit rate':>8} {'MACs':>6}  method"
     rows = [header]
     for path, image in saved:
         s = image["stats"]
-        rows.append(f"{str(path):<36} {image['seed']:>6} {s['compute_seconds']:>9.3f} {s['queue_wait_seconds']:>8.3f} "
+        rows.append(f"{str(path):<{width}} {image['seed']:>6} {s['compute_seconds']:>9.3f} {s['queue_wait_seconds']:>8.3f} "
                     f"{s['cache_hit_rate']:>8.1%} {s['mac_fraction']:>6.1%}  {s['method']}")
     return "\n".join(rows)
 

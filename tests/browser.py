@@ -19,7 +19,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage")
 
 
-def chromium_driver(width: int = 1280, height: int = 900):
+def chromium_driver(width: int = 1280, height: int = 900, extra_flags: tuple[str, ...] = ()):
     """A fresh headless chromium (its own throwaway profile) under selenium. Call ``.quit()`` when done."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -30,7 +30,7 @@ def chromium_driver(width: int = 1280, height: int = 900):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in (*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+    for flag in (*FLAGS, *extra_flags, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(120)
