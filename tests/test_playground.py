@@ -194,3 +194,16 @@ def test_a_wrong_api_key_is_refused_with_a_message(keyed_server, browser):
     assert "refused" in note.text
     assert browser.find_element(By.ID, "key-panel").is_displayed()
     assert not browser.find_element(By.ID, "generate").is_enabled()
+
+
+def test_the_page_ships_as_package_data():
+    """An installed wheel must carry the page: pyproject's package data covers it."""
+    import fnmatch
+    import tomllib
+
+    from service.api.routes_playground import PAGE
+    from tests.servers import REPO
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service.api"]
+    assert (REPO / "service" / "api" / "static" / PAGE).is_file()
+    assert any(fnmatch.fnmatch(f"static/{PAGE}", pattern) for pattern in patterns)
