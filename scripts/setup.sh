@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for this project: system packages (Redis), a virtualenv in .venv with the
+# Set up a fresh machine for this project: system packages (Redis, Chromium), a virtualenv in .venv with the
 # CPU build of torch, and the project with its test extras. Safe to run again: it skips what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-# redis-server: the scale-out tests; promtool (Debian's prometheus) and kubectl: the deployment tests
+# redis-server: the scale-out tests; promtool (Debian's prometheus) and kubectl: the deployment tests;
+# chromium and its chromedriver: the playground's browser tests (selenium drives the system browser)
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   $SUDO apt-get update -qq

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from service import telemetry
 from service.api import routes_generate, routes_health, routes_openai
+from service.api import routes_models, routes_playground
 from service.api.errors import APIError, install_error_handlers, problem_response
 from service.queue.base import JobBackend
 from service.settings import Settings
@@ -84,6 +85,8 @@ def create_app(settings: Settings, backend: JobBackend) -> FastAPI:
     app.include_router(routes_health.router)
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_models.router)
+    app.include_router(routes_playground.router)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app
 

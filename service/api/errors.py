@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import telemetry
 
-OPENAI_PREFIX = "/v1/images"
+OPENAI_PREFIX = ("/v1/images", "/v1/models")  # routes that answer with OpenAI error objects
 
 
 class APIError(Exception):

@@ -1,0 +1,110 @@
+"""``GET /v1/models`` and ``GET /v1/models/{model}``: the OpenAI model list and model object.
+
+The list names the one model this server serves, so ``client.models.list()`` of an OpenAI client
+finds it. The model object also carries a ``serving`` section (not in OpenAI's schema; clients
+ignore extra fields) with what a user interface needs to build a request: labels of a
+class-conditional model, default steps and guidance, sizes, cache methods, the largest ``n``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from fastcache_core import METHODS
+from service.api.deps import backend_of, require_api_key, settings_of
+from service.api.errors import APIError
+from service.api.schemas import GenerateRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
+
+OWNER = "fastcache-serve"
+# the request schema's own bound on n, so the two cannot drift apart
+MAX_N = next(bound.le for bound in GenerateRequest.model_fields["n"].metadata if hasattr(bound, "le"))
+
+
+class ServingInfo(BaseModel):
+    """What the served model accepts and defaults to (known once the model is loaded)."""
+
+    family: str = Field(description="dit, pixart, sd3 or flux")
+    labels: list[str] | None = Field(description="class-conditional models: label names in class-id order")
+    num_classes: int | None = Field(description="class-conditional models: ids are in [0, num_classes)")
+    default_steps: int
+    default_guidance_scale: float
+    default_width: int
+    default_height: int
+    size_multiple: int
+    min_size: int
+    max_size: int
+    supports_negative_prompt: bool
+    max_n: int = Field(description="the most images one request may ask for")
+    cache_methods: list[str] = Field(description="values of cache.method")
+
+
+class ModelObject(BaseModel):
+    """OpenAI's model object, plus ``serving`` on the single-model route."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the model files were written (or the server started)")
+    owned_by: str = OWNER
+    serving: ServingInfo | None = Field(None, description="only from GET /v1/models/{model}, once the model is loaded")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+_STARTED = int(time.time())
+
+
+def _created(model: str) -> int:
+    """When the model directory's files were written; the server's start for a hub id or remote model."""
+    path = Path(model)
+    try:
+        return int(max((p.stat().st_mtime for p in path.glob("*")), default=path.stat().st_mtime))
+    except OSError:
+        return _STARTED
+
+
+def _model(request: Request) -> ModelObject:
+    return ModelObject(id=backend_of(request).model_name, created=_created(settings_of(request).model))
+
+
+def _serving(request: Request) -> ServingInfo:
+    limits = backend_of(request).limits()
+    if limits is None:
+        raise APIError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "5"})
+    labels = None
+    if limits.labels:
+        labels = sorted(limits.labels, key=limits.labels.get)
+    return ServingInfo(
+        family=limits.family, labels=labels, num_classes=limits.num_classes,
+        default_steps=limits.default_steps, default_guidance_scale=limits.default_guidance_scale,
+        default_width=limits.default_width, default_height=limits.default_height,
+        size_multiple=limits.size_multiple, min_size=limits.min_size, max_size=limits.max_size,
+        supports_negative_prompt=limits.supports_negative_prompt,
+        max_n=min(MAX_N, settings_of(request).max_batch_size), cache_methods=list(METHODS),
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True,
+            summary="The served model, in the OpenAI list shape")
+async def list_models(request: Request) -> dict[str, Any]:
+    return ModelList(data=[_model(request)]).model_dump(exclude_none=True)
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True,
+            summary="The served model with what it accepts (labels, defaults, sizes)")
+async def retrieve_model(model_id: str, request: Request) -> ModelObject:
+    model = _model(request)
+    if model_id != model.id:
+        raise APIError(404, "model_not_found", f"model {model_id!r} is not served here; "
+                                               f"this server serves {model.id!r}", field="model")
+    model.serving = _serving(request)
+    return model
