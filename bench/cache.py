@@ -51,11 +51,16 @@ from bench.common import (
 )
 
 ROW_KEYS = ("method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid",
-            "peak_mem_bytes")
+            "peak_mem_bytes", "overhead_fraction", "fastcache_margin_db")
 METHOD_NAMES = ("none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache", "cachedit")
 UNCHANGED_FLAG = "output identical to uncached: the method never engaged"
 
-DEFAULT_TOLERANCES = (0.05, 0.1, 0.2, 0.3, 0.5)
+SWEEP_HORIZONS = (2, 3, 4, 5, 6, 7, 8)
+"""Default FastCache sweep of a calibrated model: the tolerances at which a typical sample settles at
+these horizons (``tolerance = drift_scale * h^2``, see ``fastcache_core.decisions``)."""
+UNCALIBRATED_TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
+PER_SAMPLE_TAYLORSEER_SKIPS = (2, 4)
+"""``max_skip_steps`` of the per-sample TaylorSeer rows: intervals 3 and 5, like diffusers' rows."""
 DEFAULT_TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2)
 FBCACHE_THRESHOLDS = (0.05, 0.1)
 TAYLORSEER_SETTINGS = ({"cache_interval": 3, "disable_cache_before_step": 3, "max_order": 1},
@@ -108,14 +113,18 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
 
     ``pipe`` (the pipeline around ``transformer``) gives MagCache its calibration runs and the peers
     their scheduler; without it the ``magcache``, ``seacache`` and ``cachedit`` rows are left out."""
-    from fastcache_core import apply_fastcache
     from bench.peers import apply_peer
+    from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
 
     probe = apply_fastcache(transformer, _fastcache_config(None, True, args.calibration))
     defaults = probe.default_params.to_dict()
     calibrated = bool(probe.calibrated)
-    metadata = dict(probe.approximators.metadata)
+    metadata = dict(probe.profile.metadata)
+    drift_scale = probe.profile.drift_scale
     probe.remove()
+    if args.tolerances is None:
+        args.tolerances = ([round(drift_scale * h * h, 6) for h in SWEEP_HORIZONS] if drift_scale
+                           else list(UNCALIBRATED_TOLERANCES))
     tea_polynomial = "calibrated" if metadata.get("teacache_coefficients") else "identity"
     info = {"calibrated": calibrated, "default_params": defaults, "teacache_polynomial": tea_polynomial}
 
@@ -158,8 +167,19 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
         {"method": "fastcache", "merge_ratio": merge, **token_params},
         {"setting": "ablation", "ablation": "block_cache+token_selection+merge"}))
     variants.append(fastcache(
-        f"uncalibrated W=I (tau={tau:g})", {"method": "fastcache"},
-        {"setting": "ablation", "ablation": "uncalibrated_identity_W"}, use_calibration=False))
+        f"uncalibrated (tau={tau:g})", {"method": "fastcache"},
+        {"setting": "ablation", "ablation": "uncalibrated"}, use_calibration=False))
+
+    # TaylorSeer as a per-sample method inside the cache (a request's choice in a shared batch), with
+    # diffusers' warm-up of 3 computes so it matches diffusers' rows
+    for skips in PER_SAMPLE_TAYLORSEER_SKIPS:
+        params = {"method": "taylorseer", "tolerance": 1.0, "max_skip_steps": skips}
+        variants.append(Variant(
+            "taylorseer", f"per-sample interval={skips + 1} order=1",
+            {"implementation": "fastcache per-sample", "cache_interval": skips + 1, "warmup_steps": 3, **params},
+            lambda t, p=params: apply_fastcache(t, FastCacheConfig(params=CacheParams(**p), first_steps=3,
+                                                                   calibration=args.calibration)),
+            is_fastcache=True, key=("taylorseer-per-sample", skips)))
 
     # TeaCache inside FastCache (per sample); its polynomial comes from the calibration when present
     for thr in args.teacache_thresholds:
@@ -274,6 +294,84 @@ class TransformerFlops:
             hook.remove()
 
 
+class TransformerTimer:
+    """Wall-clock of every transformer forward, and of the math inside its blocks.
+
+    Hooks time the transformer (outermost, before any other pre-hook) and every direct child module of
+    every block (attention, feed-forward, norms: the block's own math). Torch's module hooks run inside
+    any forward replaced by a cache's registry hook, so a skipped block is simply not timed. On CUDA
+    every hook synchronizes, so this runs apart from the timed runs.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, device: str) -> None:
+        from fastcache_core.adapters import adapter_for
+
+        self.cuda = device.startswith("cuda")
+        self.total = self.inside = 0.0
+        self.forwards = 0
+        self._started: dict[int, float] = {}
+        self._hooks = [transformer.register_forward_pre_hook(self._enter(-1), prepend=True),
+                       transformer.register_forward_hook(self._exit(-1, outer=True))]
+        for block in adapter_for(transformer).blocks(transformer):
+            for child in block.children():
+                key = id(child)
+                self._hooks += [child.register_forward_pre_hook(self._enter(key)),
+                                child.register_forward_hook(self._exit(key))]
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _enter(self, key: int) -> Callable[..., None]:
+        def hook(*args: Any) -> None:
+            self._started[key] = self._now()
+        return hook
+
+    def _exit(self, key: int, outer: bool = False) -> Callable[..., None]:
+        def hook(*args: Any) -> None:
+            elapsed = self._now() - self._started.pop(key)
+            if outer:
+                self.total += elapsed
+                self.forwards += 1
+            else:
+                self.inside += elapsed
+        return hook
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def overhead_fraction(method: "TransformerTimer", reference: "TransformerTimer") -> float | None:
+    """Share of the method's transformer wall-clock spent outside block math and outside the model's
+    own non-block layers (embeddings, head: their per-forward time comes from the uncached run). The
+    cache's approximation math counts as overhead, so this is an upper bound."""
+    if method.total <= 0 or reference.forwards == 0:
+        return None
+    model_own = (reference.total - reference.inside) / reference.forwards
+    return (method.total - method.inside - model_own * method.forwards) / method.total
+
+
+def fastcache_margins(rows: list[dict[str, Any]]) -> list[float | None]:
+    """Per row, FastCache's PSNR interpolated at the row's MAC fraction along its tolerance sweep minus
+    the row's PSNR (peer rows inside the sweep's MAC range only; ``None`` elsewhere)."""
+    import numpy as np
+
+    curve = sorted((r["mac_fraction"], r["psnr_db"]) for r in rows if r["method"] == "fastcache"
+                   and r["params"].get("setting") in ("default", "tolerance_sweep")
+                   and r["mac_fraction"] is not None and r["psnr_db"] is not None)
+    margins: list[float | None] = []
+    for r in rows:
+        mac, value = r["mac_fraction"], r["psnr_db"]
+        if (r["method"] in ("none", "fastcache") or len(curve) < 2 or mac is None or value is None
+                or not curve[0][0] <= mac <= curve[-1][0]):
+            margins.append(None)
+            continue
+        margins.append(float(np.interp(mac, [c[0] for c in curve], [c[1] for c in curve])) - value)
+    return margins
+
+
 @dataclass
 class ImageRunner:
     """Runs a DiT pipeline on a fixed list of (label, seed) in batches."""
@@ -322,6 +420,7 @@ class Measured:
     reference_seconds: list[float] = field(default_factory=list)
     peak_mem: int = 0
     deterministic: bool = True
+    timer: TransformerTimer | None = None
 
 
 def share_parameters_clone(module: torch.nn.Module) -> torch.nn.Module:
@@ -347,8 +446,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHOD_NAMES),
                         help="comma list among " + ", ".join(METHOD_NAMES) + " (the uncached reference always runs; "
                              "cachedit needs the optional cache-dit package and is skipped without it)")
-    parser.add_argument("--tolerances", default=",".join(f"{t:g}" for t in DEFAULT_TOLERANCES),
-                        help="FastCache tolerance sweep (the default setting is added)")
+    parser.add_argument("--tolerances", default=None,
+                        help="FastCache tolerance sweep (the default setting is added); default: the tolerances "
+                             "at which a typical sample settles at horizons 2..8 (calibrated model), else "
+                             + ",".join(f"{t:g}" for t in UNCALIBRATED_TOLERANCES))
     parser.add_argument("--teacache-thresholds", default=",".join(f"{t:g}" for t in DEFAULT_TEACACHE_THRESHOLDS))
     parser.add_argument("--batch-size", type=int, default=None, help="images per pipeline call; default 16, --quick: all")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method; default 3, --quick 1")
@@ -373,7 +474,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHOD_NAMES))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(METHOD_NAMES)}")
-    args.tolerances = [float(t) for t in args.tolerances.split(",") if t.strip()]
+    if args.tolerances is not None:
+        args.tolerances = [float(t) for t in args.tolerances.split(",") if t.strip()]
     args.teacache_thresholds = [float(t) for t in args.teacache_thresholds.split(",") if t.strip()]
     if args.samples is None:
         args.samples = 10 if args.quick else 100
@@ -526,6 +628,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 result.method_seconds.append(times["method"])
                 result.reference_seconds.append(times["ref"])
             result.peak_mem = memory.peak
+            # one more run with timers in every block: where the method's wall-clock goes
+            timer = TransformerTimer(pipe.transformer, device)
+            try:
+                gen.run(pipe, count=args.timing_samples, handle=handle)
+            finally:
+                timer.remove()
+            result.timer = timer
         finally:
             if handle is not None:
                 handle.remove()
@@ -577,17 +686,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "class_accuracy": clean_number(judge.class_accuracy(result.images, labels), 4) if judge else None,
             "fid": clean_number(fid(result.images), 3) if judge else None,
             "peak_mem_bytes": int(result.peak_mem),
+            "overhead_fraction": clean_number(overhead_fraction(result.timer, reference.timer), 4),
+            "fastcache_margin_db": None,
         }
         assert tuple(row) == ROW_KEYS
         rows.append(row)
         notes.append((variant.label, "; ".join(note)))
 
+    for row, margin in zip(rows, fastcache_margins(rows)):
+        row["fastcache_margin_db"] = clean_number(margin, 3)
     ref_per_image = statistics.median(reference.reference_seconds) / args.timing_samples
     noise = statistics.median(reference.ratios)  # the uncached pipeline timed against itself
     print(markdown_table(
-        ["method", "setting", "speedup", "MAC fraction", "PSNR dB", "SSIM", "class acc", "FID", "peak mem MiB", "note"],
+        ["method", "setting", "speedup", "MAC fraction", "PSNR dB", "FastCache margin dB", "overhead", "SSIM",
+         "class acc", "FID", "peak mem MiB", "note"],
         [[r["method"], label, fmt(r["speedup"], 2), fmt(r["mac_fraction"], 3), fmt(r["psnr_db"], 2),
-          fmt(r["ssim"], 4), fmt(r["class_accuracy"], 3), fmt(r["fid"], 2), f"{r['peak_mem_bytes'] / 2**20:.0f}", note]
+          fmt(r["fastcache_margin_db"], 2), fmt(r["overhead_fraction"], 3), fmt(r["ssim"], 4),
+          fmt(r["class_accuracy"], 3), fmt(r["fid"], 2), f"{r['peak_mem_bytes'] / 2**20:.0f}", note]
          for r, (label, note) in zip(rows, notes)]))
     print(f"\nuncached: {ref_per_image:.3f} s per image (batches of {args.batch_size}); "
           f"uncached vs itself (timing noise): {noise:.3f}; benchmark took {elapsed:.0f} s. "

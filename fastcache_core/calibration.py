@@ -3,17 +3,17 @@
 1. **Record, streaming.** Uncached pipeline runs on calibration prompts. A forward hook on the last
    block sees each step's stack output ``Y`` and keeps only its projection through the model's output
    layer ``P Y`` (the space errors are measured in), for the last ``2 * max_gap + 1`` steps. From that
-   window it accumulates, per schedule phase: the one-step forecast error (the noise floor), the
-   normal equations of the first-order forecast gain ``g`` in ``P (Y_t - Y_{t-h}) ~ g P (Y_{t-h} -
-   Y_{t-2h})`` for gaps ``h = 1..max_gap``, and TeaCache's (input change, output change) points.
-   Memory holds one small window per batch row: it does not grow with steps or blocks.
-2. **Sensitivity.** For each phase, one run adds a 1% relative perturbation to the stack output at
-   one step of the phase and measures how much the final images move: the error that matters. A
-   phase's tolerance weight is ``(s_max / s_phase) ** exponent``.
-3. **Tune end to end.** FastCache runs a sweep of tolerances for each candidate rule setting (weight
-   exponent, shortest horizon, fitted or unit gain) on fresh seeds; the setting with the best mean
-   PSNR over matched compute budgets is kept, and the default tolerance is the one that computes least
-   while its mean PSNR against the uncached images stays at least ``target_psnr`` dB.
+   window it accumulates, per schedule phase and forecast distance ``h = 1..max_gap``: the squared
+   relative error of a first-order forecast, the normal equations of a fitted first-order gain ``g``
+   in ``P (Y_t - Y_{t-h}) ~ g P (Y_{t-h} - Y_{t-2h})``, and TeaCache's (input change, output change)
+   points. Memory holds one small window per batch row: it does not grow with steps or blocks.
+2. **Profile.** The one-step error is the phase's noise floor; the error above it grows like
+   ``drift * h^2``; the mean drift sets the horizon a tolerance asks for, and each phase's tolerance
+   weight is its drift relative to the mean (the guard's null: how a typical sample drifts there).
+3. **Tune end to end.** FastCache runs a sweep of tolerances for each candidate rule setting
+   (chi-square guard slack or no guard, fitted or unit gain) on fresh seeds; the setting with the best mean PSNR over
+   matched compute budgets is kept, and the default tolerance is the one that computes least while
+   its mean PSNR against the uncached images stays at least ``target_psnr`` dB.
 
 The profile is saved as ``fastcache_calibration.safetensors`` next to the transformer, where
 ``apply_fastcache`` finds it. ``fastcache-calibrate MODEL_DIR`` runs all of it from the shell.
@@ -36,10 +36,9 @@ from tqdm.auto import tqdm
 from fastcache_core.adapters import adapter_for
 from fastcache_core.profile import CALIBRATION_FILENAME, CacheProfile, phase_of
 
-DEFAULT_TOLERANCES = (0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05)
-DEFAULT_WEIGHT_EXPONENTS = (0.25, 0.5)
-DEFAULT_MIN_HORIZONS = (1, 2)
-SENSITIVITY_EPSILON = 0.01
+DEFAULT_HORIZONS = (2, 3, 4, 5, 6, 7, 8)
+DEFAULT_GUARD_SLACKS: tuple[float | None, ...] = (2.0, None)
+"""Guard settings the sweep compares (``None``: no guard)."""
 BUDGETS = (0.2, 0.3, 0.4)
 """MAC fractions at which candidate rule settings are compared (interpolated PSNR)."""
 
@@ -49,8 +48,9 @@ class FitStatistics:
     """Per-phase sums accumulated while calibration runs stream by (float64, tiny)."""
 
     num_phases: int
-    floor_sum: np.ndarray = field(init=False)
-    floor_count: np.ndarray = field(init=False)
+    max_gap: int
+    error_sq_sum: np.ndarray = field(init=False)  # (phases, gaps): sum of squared relative forecast errors
+    error_count: np.ndarray = field(init=False)
     gain_cross: np.ndarray = field(init=False)  # sum <d, r>
     gain_gram: np.ndarray = field(init=False)  # sum <d, d>
     unit_error: np.ndarray = field(init=False)  # sum ||r - d||^2 (gain 1)
@@ -58,11 +58,29 @@ class FitStatistics:
     teacache_points: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("floor_sum", "floor_count", "gain_cross", "gain_gram", "unit_error", "target_sq"):
+        for name in ("gain_cross", "gain_gram", "unit_error", "target_sq"):
             setattr(self, name, np.zeros(self.num_phases))
+        self.error_sq_sum = np.zeros((self.num_phases, self.max_gap))
+        self.error_count = np.zeros((self.num_phases, self.max_gap))
+
+    def mean_error_sq(self) -> np.ndarray:
+        """Mean squared relative error of a first-order forecast, per phase and distance 1..max_gap."""
+        return np.where(self.error_count > 0, self.error_sq_sum / np.maximum(self.error_count, 1), np.nan)
 
     def floor(self) -> np.ndarray:
-        return np.where(self.floor_count > 0, self.floor_sum / np.maximum(self.floor_count, 1), 0.0)
+        """The one-step forecast error per phase: the per-step noise floor."""
+        one_step = self.mean_error_sq()[:, 0]
+        return np.sqrt(np.where(np.isnan(one_step), 0.0, one_step))
+
+    def drift_per_step_sq(self) -> np.ndarray:
+        """Typical drift (error above the floor) per squared step of distance, per phase (nan: no data)."""
+        errors = self.mean_error_sq()
+        floor_sq = errors[:, :1]
+        gaps = np.arange(2, self.max_gap + 1)
+        drift = np.sqrt(np.clip(errors[:, 1:] - floor_sq, 0.0, None)) / gaps**2
+        drift = np.where(np.isnan(errors[:, 1:]), np.nan, drift)
+        seen = (~np.isnan(drift)).sum(axis=1)
+        return np.where(seen > 0, np.nansum(drift, axis=1) / np.maximum(seen, 1), np.nan)
 
     def gains(self) -> np.ndarray:
         """Least-squares first-order gain per phase (1 where a phase saw no data)."""
@@ -164,17 +182,15 @@ class _StreamingRecorder:
         window, stats = self.window, self.stats
         y = window[-1]
         phase = phase_of(self.times[-1], stats.num_phases)
-        if len(window) >= 3:
-            error = self._per_sample((y - 2 * window[-2] + window[-3]).pow(2).flatten(1).sum(1))
-            norm = self._per_sample(y.pow(2).flatten(1).sum(1)).clamp_min(1e-30)
-            relative = (error / norm).sqrt()
-            stats.floor_sum[phase] += float(relative.sum())
-            stats.floor_count[phase] += relative.numel()
+        norm = self._per_sample(y.pow(2).flatten(1).sum(1)).clamp_min(1e-30)
         for gap in range(1, self.max_gap + 1):
             if len(window) < 2 * gap + 1:
                 break
             target = y - window[-1 - gap]
             slope = window[-1 - gap] - window[-1 - 2 * gap]
+            relative_sq = self._per_sample((target - slope).pow(2).flatten(1).sum(1)) / norm
+            stats.error_sq_sum[phase, gap - 1] += float(relative_sq.sum())
+            stats.error_count[phase, gap - 1] += relative_sq.numel()
             stats.gain_cross[phase] += float((slope * target).sum())
             stats.gain_gram[phase] += float((slope * slope).sum())
             stats.unit_error[phase] += float((target - slope).pow(2).sum())
@@ -190,11 +206,11 @@ class CalibrationReport:
     forecast_gain: list[float] = field(default_factory=list)
     gain_errors: dict[str, float] = field(default_factory=dict)
     """Total squared forecast error (output space, all gaps) of the fitted gain and of unit gain."""
-    sensitivity: list[float] = field(default_factory=list)
-    """Final-image MSE per unit relative output error in each phase."""
+    drift: list[float] = field(default_factory=list)
+    """Typical forecast drift per squared step in each phase (the tolerance weights, unnormalized)."""
     teacache_coefficients: list[float] = field(default_factory=list)
     rule: dict[str, Any] = field(default_factory=dict)
-    """The chosen weight exponent, shortest horizon and gain mode."""
+    """The chosen guard slack and gain mode."""
     default_params: dict[str, Any] = field(default_factory=dict)
     tolerance_sweep: list[dict[str, Any]] = field(default_factory=list)
 
@@ -230,13 +246,12 @@ def calibrate(
     num_inference_steps: int = 50,
     guidance_scale: float | None = None,
     num_phases: int = 10,
-    max_gap: int = 4,
+    max_gap: int = 6,
     seed: int = 0,
     tune_defaults: bool = True,
     target_psnr: float = 40.0,
-    tolerances: Sequence[float] = DEFAULT_TOLERANCES,
-    weight_exponents: Sequence[float] = DEFAULT_WEIGHT_EXPONENTS,
-    min_horizons: Sequence[int] = DEFAULT_MIN_HORIZONS,
+    horizons: Sequence[int] = DEFAULT_HORIZONS,
+    guard_slacks: Sequence[float | None] = DEFAULT_GUARD_SLACKS,
     tune_samples: int = 8,
     max_skip_steps: int = 8,
     save_to: str | Path | bool | None = None,
@@ -248,12 +263,14 @@ def calibrate(
         prompts: calibration prompts (class labels or names for DiT); default: every label in turn.
         num_samples: images generated for the streamed fit.
         num_phases: slices of normalized time with their own coefficients.
-        max_gap: the longest forecast distance (steps) the gain fit sees; the window kept per row.
-        tune_defaults: measure the sensitivity per phase and sweep the rule settings and tolerances
-            on ``tune_samples`` fresh seeds (below). Without it the profile has unit weights.
+        max_gap: the longest forecast distance (steps) the fit sees; the window kept per row.
+        tune_defaults: sweep the rule settings and tolerances end to end on ``tune_samples`` fresh
+            seeds (below) and store the default tolerance; without it only the fit is stored.
         target_psnr: the default tolerance is the one that computes least while the sweep's mean PSNR
             against uncached images stays at least this many dB.
-        tolerances, weight_exponents, min_horizons: the sweep's grid.
+        horizons: the sweep's tolerances, given as the horizons a typical sample settles at
+            (``tolerance = drift_scale * h^2``).
+        guard_slacks: the chi-square guard settings the sweep compares (``None``: no guard).
         max_skip_steps: the longest run of forecast steps in the default params.
         save_to: file to write; ``None`` (default): ``<transformer dir>/fastcache_calibration.safetensors``
             when the transformer was loaded from a directory; ``False``: not saved.
@@ -265,7 +282,7 @@ def calibrate(
     call_args: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "pt"}
     if guidance_scale is not None:
         call_args["guidance_scale"] = guidance_scale
-    stats = FitStatistics(num_phases)
+    stats = FitStatistics(num_phases, max_gap)
     chunks = [prompts[i:i + batch_size] for i in range(0, min(num_samples, len(prompts)), batch_size)]
     with _StreamingRecorder(pipe, stats, max_gap) as recorder:
         for b, chunk in enumerate(tqdm(chunks, desc="calibration runs", disable=not progress)):
@@ -274,8 +291,19 @@ def calibrate(
     report = CalibrationReport(samples=sum(len(c) for c in chunks))
     floor = torch.tensor(stats.floor(), dtype=torch.float32)
     gains = torch.tensor(stats.gains(), dtype=torch.float32)
+    drift = stats.drift_per_step_sq()
+    known = drift[~np.isnan(drift)]
+    drift_scale = float(known.mean()) if known.size and known.mean() > 0 else None
+    if drift_scale is not None:
+        # phases without data take the mean; a phase whose drift stays under the floor keeps a tenth of it
+        drift = np.where(np.isnan(drift), drift_scale, np.maximum(drift, 0.1 * drift_scale))
+        weights = torch.tensor(drift / drift.mean(), dtype=torch.float32)
+        drift_scale = float(drift.mean())
+    else:
+        weights = None
     report.error_floor = floor.tolist()
     report.forecast_gain = gains.tolist()
+    report.drift = [] if weights is None else drift.tolist()
     report.gain_errors = {"fitted": float(stats.fitted_error().sum()), "unit": float(stats.unit_error.sum())}
     metadata: dict[str, Any] = {
         "family": adapter_for(transformer).family,
@@ -283,76 +311,30 @@ def calibrate(
         "guidance_scale": guidance_scale,
         "samples": report.samples,
         "gain_errors": report.gain_errors,
+        "drift_scale": drift_scale,
     }
     if len(stats.teacache_points) > 8:
         x, y = np.array(stats.teacache_points).T
         report.teacache_coefficients = [float(c) for c in np.polyfit(x, y, 4)]
         metadata["teacache_coefficients"] = report.teacache_coefficients
-    profile = CacheProfile(num_phases, forecast_gain=None, error_floor=floor, metadata=metadata)
-    if tune_defaults:
+    profile = CacheProfile(num_phases, forecast_gain=None, error_floor=floor, tolerance_weight=weights,
+                           metadata=metadata)
+    if tune_defaults and drift_scale is not None:
         tune_prompts = [prompts[i % len(prompts)] for i in range(tune_samples)]
-        sensitivity = measure_sensitivity(pipe, tune_prompts, call_args, num_phases, seed + 10_000, progress)
-        report.sensitivity = sensitivity.tolist()
-        profile = _tune(pipe, profile, gains, sensitivity, tune_prompts, call_args, report, tolerances,
-                        weight_exponents, min_horizons, target_psnr, max_skip_steps, seed + 10_000, progress)
+        tolerances = sorted({round(drift_scale * h * h, 6) for h in horizons if drift_scale * h * h <= 1.0})
+        profile = _tune(pipe, profile, gains, tune_prompts, call_args, report, tolerances, guard_slacks,
+                        target_psnr, max_skip_steps, seed + 10_000, progress)
     profile.metadata["report"] = {"error_floor": report.error_floor, "forecast_gain": report.forecast_gain,
-                                  "sensitivity": report.sensitivity, "rule": report.rule}
+                                  "drift": report.drift, "rule": report.rule}
     path = None if save_to is False else (Path(save_to) if save_to else _default_save_path(transformer))
     if path is not None:
         profile.save(path)
     return profile, report
 
 
-def measure_sensitivity(pipe: Any, prompts: Sequence[Any], call_args: dict[str, Any], num_phases: int,
-                        seed: int, progress: bool = True) -> torch.Tensor:
-    """Final-image MSE per unit relative error of the stack output, for one step in each phase.
-
-    Each run adds noise of norm ``SENSITIVITY_EPSILON * ||Y||`` to every row's stack output at the
-    middle step of one phase and compares the images with the unperturbed ones.
-    """
-    adapter = adapter_for(pipe.transformer)
-    last = adapter.blocks(pipe.transformer)[-1]
-    steps = call_args["num_inference_steps"]
-    inputs = pipeline_inputs(pipe, prompts)
-    reference = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images.float()
-    phase_steps = {}
-    for step in range(steps):
-        phase_steps.setdefault(min(num_phases - 1, step * num_phases // steps), []).append(step)
-    values = torch.ones(num_phases)
-    for phase in tqdm(range(num_phases), desc="sensitivity", disable=not progress):
-        if phase not in phase_steps:
-            continue
-        target = phase_steps[phase][len(phase_steps[phase]) // 2]
-        counter = {"step": 0}
-
-        def perturb(module: torch.nn.Module, args: tuple[Any, ...], output: Any, target: int = target) -> Any:
-            image, text = adapter.output_to_streams(output)
-            if counter["step"] == target:
-                noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed + target)).to(image)
-                scale = image.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
-                image = image + SENSITIVITY_EPSILON * scale.view(-1, *([1] * (image.ndim - 1))) * noise
-                output = adapter.streams_to_output(image, text)
-            counter["step"] += 1
-            return output
-
-        handle = last.register_forward_hook(perturb)
-        try:
-            images = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images.float()
-        finally:
-            handle.remove()
-        values[phase] = float((images - reference).pow(2).mean()) / SENSITIVITY_EPSILON**2
-    return values.clamp_min(1e-20)
-
-
-def tolerance_weights(sensitivity: torch.Tensor, exponent: float) -> torch.Tensor:
-    """Per-phase tolerance weights ``(s_max / s) ** exponent``, normalized to mean 1."""
-    weights = (sensitivity.max() / sensitivity).pow(exponent)
-    return weights / weights.mean()
-
-
-def _tune(pipe: Any, base: CacheProfile, gains: torch.Tensor, sensitivity: torch.Tensor, prompts: list[Any],
-          call_args: dict[str, Any], report: CalibrationReport, tolerances: Sequence[float],
-          weight_exponents: Sequence[float], min_horizons: Sequence[int], target_psnr: float,
+def _tune(pipe: Any, base: CacheProfile, gains: torch.Tensor, prompts: list[Any], call_args: dict[str, Any],
+          report: CalibrationReport, tolerances: Sequence[float], guard_slacks: Sequence[float | None],
+          target_psnr: float,
           max_skip_steps: int, seed: int, progress: bool) -> CacheProfile:
     """Sweep rule settings x tolerances end to end; keep the best setting and the default tolerance."""
     from fastcache_core.cache import apply_fastcache
@@ -362,13 +344,11 @@ def _tune(pipe: Any, base: CacheProfile, gains: torch.Tensor, sensitivity: torch
     inputs = pipeline_inputs(pipe, prompts)
     reference = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images
     gain_modes: dict[str, torch.Tensor | None] = {"unit": None, "fitted": gains}
-    candidates = list(itertools.product(weight_exponents, min_horizons, gain_modes))
+    candidates = list(itertools.product(guard_slacks, gain_modes))
     sweeps: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     runs = [(c, t) for c in candidates for t in sorted(tolerances)]
-    for (exponent, shortest, gain_mode), tolerance in tqdm(runs, desc="rule sweep", disable=not progress):
-        profile = CacheProfile(base.num_phases, forecast_gain=gain_modes[gain_mode], error_floor=base.error_floor,
-                               tolerance_weight=tolerance_weights(sensitivity, exponent),
-                               metadata={**base.metadata, "min_horizon": shortest})
+    for (slack, gain_mode), tolerance in tqdm(runs, desc="rule sweep", disable=not progress):
+        profile = _variant(base, gain_modes[gain_mode], slack)
         params = CacheParams(method="fastcache", tolerance=tolerance, max_skip_steps=max_skip_steps)
         cache = apply_fastcache(pipe.transformer, FastCacheConfig(calibration=profile, params=params))
         try:
@@ -377,25 +357,29 @@ def _tune(pipe: Any, base: CacheProfile, gains: torch.Tensor, sensitivity: torch
             stats = cache.stats()
         finally:
             cache.remove()
-        sweeps.setdefault((exponent, shortest, gain_mode), []).append({
-            "weight_exponent": exponent, "min_horizon": shortest, "gain": gain_mode, "tolerance": tolerance,
+        sweeps.setdefault((slack, gain_mode), []).append({
+            "guard_slack": slack, "gain": gain_mode, "tolerance": tolerance,
             "psnr_db": mean_finite(psnr(images, reference)),
             "mac_fraction": float(np.mean([s.mac_fraction for s in stats])),
         })
     best = max(sweeps, key=lambda c: _mean_psnr_at_budgets(sweeps[c]))
-    exponent, shortest, gain_mode = best
+    slack, gain_mode = best
     rows = sweeps[best]
     good = [r for r in rows if r["psnr_db"] >= target_psnr]
     chosen = min(good, key=lambda r: (round(r["mac_fraction"], 3), -r["psnr_db"])) if good else \
         max(rows, key=lambda r: r["psnr_db"])
-    report.rule = {"weight_exponent": exponent, "min_horizon": shortest, "gain": gain_mode}
+    report.rule = {"guard_slack": slack, "gain": gain_mode}
     report.default_params = {"method": "fastcache", "tolerance": chosen["tolerance"], "max_skip_steps": max_skip_steps}
     report.tolerance_sweep = [r for c in candidates for r in sweeps[c]]
-    return CacheProfile(base.num_phases, forecast_gain=gain_modes[gain_mode], error_floor=base.error_floor,
-                        tolerance_weight=tolerance_weights(sensitivity, exponent),
-                        metadata={**base.metadata, "min_horizon": shortest, "default_params": report.default_params,
-                                  "target_psnr": target_psnr, "rule": report.rule,
-                                  "tolerance_sweep": report.tolerance_sweep})
+    tuned = _variant(base, gain_modes[gain_mode], slack)
+    tuned.metadata.update(default_params=report.default_params, target_psnr=target_psnr, rule=report.rule,
+                          tolerance_sweep=report.tolerance_sweep)
+    return tuned
+
+
+def _variant(base: CacheProfile, gains: torch.Tensor | None, guard_slack: float | None) -> CacheProfile:
+    return CacheProfile(base.num_phases, forecast_gain=gains, error_floor=base.error_floor,
+                        tolerance_weight=base.tolerance_weight, metadata={**base.metadata, "guard_slack": guard_slack})
 
 
 def _mean_psnr_at_budgets(rows: list[dict[str, Any]]) -> float:
@@ -432,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-psnr", type=float, default=40.0,
                         help="the default tolerance keeps at least this PSNR against uncached images (40)")
     parser.add_argument("--tune-samples", type=int, default=8, help="images of the sweep (8)")
-    parser.add_argument("--no-tune", action="store_true", help="fit only; no sensitivity runs, no sweep")
+    parser.add_argument("--no-tune", action="store_true", help="fit only; no end-to-end sweep")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="file to write (default: <model>/transformer/"
@@ -452,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.out or Path(args.model) / "transformer" / CALIBRATION_FILENAME
     print(json.dumps({"saved": str(target), "rule": report.rule, "default_params": report.default_params,
                       "gain_errors": report.gain_errors, "error_floor": report.error_floor,
-                      "sensitivity": report.sensitivity}, indent=2))
+                      "drift": report.drift}, indent=2))
     return 0
 
 

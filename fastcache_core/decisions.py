@@ -1,24 +1,30 @@
 """The refresh rules: at which steps a sample's transformer really runs, and when it is forecast.
 
 **FastCache** (per sample). Between real computes a sample's stack output is forecast from its own
-history (``forecast.py``). At every real compute the forecast that *would* have been used is compared
-with the real output, in the transformer's output space (what the sampler integrates):
+history (``forecast.py``); a first-order forecast drifts from the truth like ``c h^2`` over a horizon
+of ``h`` steps. Calibration measures the typical drift of every schedule phase (``CacheProfile``), so
+the request's tolerance ``tau`` sets the horizon a typical sample keeps:
 
-    e = ||P (Y_hat - Y)|| / ||P Y||      (P: the model's output projection)
+    H = floor(sqrt(tau / drift_scale))
 
-Part of that error is the model's per-step noise floor ``f`` (calibrated per schedule phase: the error
-of a one-step forecast on uncached runs; it comes from timestep-embedding jitter that cancels over
-steps instead of accumulating). What accumulates is the drift ``d = sqrt(max(e^2 - f^2, 0))``. Null
-hypothesis: the drift is noise of relative scale ``tau`` (the request's tolerance times the phase's
-calibrated weight), i.e. each of the ``n`` output numbers of the difference is N(0, (tau ||P Y||)^2 / n),
-so ``n d^2 / tau^2 ~ chi2(n)``. The test accepts at significance ``alpha`` when
+Measured on the bundled model, *when* to refresh matters more than anything else: gaps of equal length
+from the second step on, with a short first window (the output can only be reused until the second
+compute gives a slope), beat every density profile tried (denser early, denser late, input-change
+gates, error-equalizing controllers).
 
-    n d^2 / tau^2 <= chi2_{1-alpha}(n).
+At every real compute the forecast that *would* have been used is compared with the real output in the
+transformer's output space (what the sampler integrates): ``e = ||P (Y_hat - Y)|| / ||P Y||``. Part of
+``e`` is the model's per-step noise floor ``f`` (a one-step forecast's error on uncached runs: timestep-
+embedding jitter that cancels over steps instead of accumulating); the drift is ``d = sqrt(max(e^2 -
+f^2, 0))``. FastCache's chi-square test then guards each sample. Null hypothesis: the drift is noise of
+the relative scale a typical sample shows at this phase and gap, ``s = slack * tau * w_phase *
+(gap / H)^2``; each of the ``n`` output numbers of the difference is N(0, (s ||P Y||)^2 / n), so
+``n d^2 / s^2 ~ chi2(n)`` and the test accepts at significance ``alpha`` when
 
-A first-order forecast's drift grows with the square of the horizon, so the next horizon is the
-current gap scaled by ``sqrt(limit / d)`` (``limit``: the largest drift the test accepts): it grows
-(at most by ``growth``) when the test accepts and shrinks when it rejects, bounded by
-``max_skip_steps`` forecast steps in a row. Every decision uses the sample's own numbers only.
+    n d^2 / s^2 <= chi2_{1-alpha}(n).
+
+A sample whose drift fails the test refreshes sooner, by the first-order law ``h = H sqrt(limit / d)``
+(``limit``: the largest drift the test accepts). Every decision uses the sample's own numbers only.
 
 **Peers** decided per sample inside the same cache: TaylorSeer (fixed interval), TeaCache
 (accumulated rescaled input change), First-Block-Cache (first block's residual change).
@@ -30,6 +36,10 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from statistics import NormalDist
+
+FIRST_WINDOW = 3
+"""The longest forecast window after a sample's first compute (a zero-order reuse window; measured
+best on the bundled model for every settled horizon from 3 to 6)."""
 
 
 @lru_cache(maxsize=4096)
@@ -48,16 +58,27 @@ def chi_square_quantile(probability: float, dof: int) -> float:
     return dof * max(1.0 - h + z * math.sqrt(h), 0.0) ** 3
 
 
-def max_accepted_error(tolerance: float, significance: float, dof: int) -> float:
-    """The largest relative error the chi-square test accepts as noise of scale ``tolerance``."""
-    if tolerance <= 0.0:
-        return -1.0  # nothing is accepted: even an exact forecast recomputes
-    return tolerance * math.sqrt(chi_square_quantile(1.0 - significance, dof) / dof)
+def max_accepted_error(scale: float, significance: float, dof: int) -> float:
+    """The largest relative error the chi-square test accepts as noise of relative scale ``scale``."""
+    if scale <= 0.0:
+        return -1.0  # nothing is accepted: even an exact forecast is rejected
+    return scale * math.sqrt(chi_square_quantile(1.0 - significance, dof) / dof)
 
 
 def drift_above_floor(error: float, floor: float) -> float:
     """The part of a forecast error above the per-step noise floor (they add in quadrature)."""
     return math.sqrt(max(error * error - floor * floor, 0.0))
+
+
+def settled_horizon(tolerance: float, drift_scale: float | None, max_skip_steps: int) -> int:
+    """``H``: the longest whole number of steps at which a typical sample's drift ``drift_scale * H^2``
+    stays within ``tolerance``; 1 for tolerance 0, 2 without a calibrated drift scale; at most
+    ``max_skip_steps + 1``. Whole numbers because mixing gap lengths to reach fractional averages
+    measured worse than the shorter whole gap alone on the bundled model."""
+    if tolerance <= 0.0:
+        return 1
+    horizon = math.floor(math.sqrt(tolerance / drift_scale) * (1 + 1e-6)) if drift_scale else 2
+    return max(1, min(max_skip_steps + 1, horizon))
 
 
 @dataclass
@@ -67,44 +88,43 @@ class RefreshState:
     next_compute: int = 0
     """Step index of the next real compute."""
     computes: int = 0
-    """Real computes so far (a forecast needs at least one, a first-order one two)."""
+    """Real computes so far (a forecast needs one; a first-order forecast two)."""
     last_compute: int = -1
     """Step index of the last real compute."""
     last_error: float | None = None
     """Relative forecast error measured at the last real compute (``None`` before there was one)."""
+    rejections: int = 0
+    """How often the chi-square guard shortened this sample's horizon."""
 
 
-def fastcache_next_horizon(
-    error: float,
+def fastcache_gap(
+    state: RefreshState,
+    horizon: int,
+    error: float | None,
     floor: float,
-    tolerance: float,
+    allowance: float,
     significance: float,
     dof: int,
     gap: int,
-    max_skip_steps: int,
-    growth: float,
-    min_horizon: int = 1,
 ) -> int:
-    """FastCache's rule: steps until the next real compute, from the error measured at this one.
+    """FastCache's rule: steps from this real compute to the next one.
 
-    ``error`` is the relative forecast error at this compute, ``floor`` the calibrated per-step noise
-    floor, ``tolerance`` the effective tau (request tolerance times phase weight), ``gap`` the steps
-    since the previous compute. ``min_horizon`` (calibrated) keeps a rejection from asking for
-    back-to-back computes when the measurement is dominated by the noise floor. Returns a horizon
-    in ``[min(min_horizon, max_skip_steps + 1), max_skip_steps + 1]``.
+    ``state.computes`` counts this compute already. ``horizon`` is the settled ``H``; ``error`` the
+    relative forecast error measured at this compute (``None`` before two earlier computes existed),
+    ``floor`` the phase's noise floor, ``allowance`` the typical drift scale at horizon ``H`` for this
+    phase (``slack * tau * w_phase``; ``<= 0`` switches the guard off) and ``gap`` the steps since the
+    previous compute.
     """
-    longest = max_skip_steps + 1
-    shortest = min(max(1, min_horizon), longest)
-    limit = max_accepted_error(tolerance, significance, dof)
-    if limit <= 0.0:
-        return 1
+    if state.computes <= 1:  # the next window can only reuse the output: keep it short
+        return max(1, min(FIRST_WINDOW, horizon - 1))
+    if error is None or allowance <= 0.0:
+        return horizon
+    limit = max_accepted_error(allowance * (gap / horizon) ** 2, significance, dof)
     drift = drift_above_floor(error, floor)
-    ratio = math.sqrt(limit / drift) if drift > 0.0 else math.inf
-    if drift <= limit:  # accepted: the forecast may reach further
-        horizon = max(gap, math.floor(gap * min(growth, ratio)))
-    else:  # rejected: compute sooner
-        horizon = math.floor(gap * ratio)
-    return max(shortest, min(longest, horizon))
+    if drift <= limit:
+        return horizon
+    state.rejections += 1
+    return max(1, min(horizon, math.floor(horizon * math.sqrt(limit / drift))))
 
 
 def taylorseer_computes(step: int, warmup_steps: int, interval: int) -> bool:

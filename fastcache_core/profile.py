@@ -6,11 +6,13 @@ Per schedule phase (``num_phases`` equal slices of normalized time, phase 0 at p
   least squares on uncached runs, kept only when it wins end to end);
 * ``error_floor``: the relative one-step forecast error of uncached runs in the output space, the
   per-step noise floor the refresh rule subtracts (``decisions.py``);
-* ``tolerance_weight``: how much forecast drift the phase tolerates relative to the others (from the
-  measured sensitivity of the final image to output errors in that phase), mean 1.
+* ``tolerance_weight``: the typical forecast drift per squared step of the phase, relative to the
+  mean over phases (``metadata["drift_scale"]``): a typical sample then settles at the same horizon in
+  every phase, and one that drifts more than typical refreshes sooner.
 
-``metadata`` holds TeaCache's rescaling polynomial, the calibrated default ``CacheParams``, the growth
-limit and shortest horizon of the refresh rule and the calibration report. A profile with no tensors is the uncalibrated
+``metadata`` holds the mean drift per squared step (``drift_scale``: sets the settled horizon), the
+guard's slack, TeaCache's rescaling polynomial, the calibrated default ``CacheParams`` and the
+calibration report. A profile with no tensors is the uncalibrated
 default: unit gain, no floor, unit weights.
 """
 
@@ -25,7 +27,7 @@ import torch
 
 CALIBRATION_FILENAME = "fastcache_calibration.safetensors"
 PROFILE_TENSORS = ("forecast_gain", "error_floor", "tolerance_weight")
-DEFAULT_GROWTH = 2.0
+DEFAULT_GUARD_SLACK = 1.0
 
 
 def phase_of(normalized_time: float, num_phases: int) -> int:
@@ -49,14 +51,19 @@ class CacheProfile:
         return any(getattr(self, name) is not None for name in PROFILE_TENSORS)
 
     @property
-    def growth(self) -> float:
-        """The most a horizon may grow from one compute to the next."""
-        return float(self.metadata.get("growth", DEFAULT_GROWTH))
+    def drift_scale(self) -> float | None:
+        """Mean typical drift per squared step: sets the settled horizon; ``None`` when uncalibrated."""
+        value = self.metadata.get("drift_scale")
+        return float(value) if value else None
 
     @property
-    def min_horizon(self) -> int:
-        """The shortest horizon a rejection sets (1: back-to-back computes allowed)."""
-        return int(self.metadata.get("min_horizon", 1))
+    def guard_slack(self) -> float | None:
+        """How far above a typical sample's drift the chi-square guard's null sits (``None``: no guard,
+        and no forecast error is measured). Uncalibrated models have no drift profile: no guard."""
+        if not self.fitted:
+            return None
+        value = self.metadata.get("guard_slack", DEFAULT_GUARD_SLACK)
+        return None if value is None else float(value)
 
     def gain(self, phase: int) -> float:
         return 1.0 if self.forecast_gain is None else float(self.forecast_gain[phase])

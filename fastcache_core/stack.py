@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastcache_core.decisions import (
-    fastcache_next_horizon,
+    fastcache_gap,
     fbcache_reuses_tail,
+    settled_horizon,
     taylorseer_computes,
     teacache_reuses_stack,
 )
@@ -262,7 +263,8 @@ class StackRunner:
         """Measure FastCache samples' forecast error, record the outputs, set the next horizons."""
         cache = self.cache
         local = {r: i for i, r in enumerate(rows)}
-        measured = [k for k in members if step.samples[k].params.method == "fastcache"
+        guarded = cache.profile.guard_slack is not None
+        measured = [k for k in members if guarded and step.samples[k].params.method == "fastcache"
                     and step.samples[k].params.tolerance > 0.0 and step.samples[k].refresh.computes >= 2]
         errors: dict[int, float] = {}
         if measured:
@@ -301,13 +303,12 @@ class StackRunner:
             phase = step.phases[k]
             if k in errors:
                 refresh.last_error = errors[k]
-                dof = len(step.sample_rows[k]) * y.shape[1] * self._output_width(y)
-                horizon = fastcache_next_horizon(errors[k], profile.floor(phase), p.tolerance * profile.weight(phase),
-                                                 p.significance, dof, gap, p.max_skip_steps, profile.growth,
-                                                 profile.min_horizon)
-            else:
-                horizon = 1
-            refresh.next_compute = sample.step + horizon
+            horizon = settled_horizon(p.tolerance, profile.drift_scale, p.max_skip_steps)
+            slack = profile.guard_slack
+            allowance = 0.0 if slack is None else slack * p.tolerance * profile.weight(phase)
+            dof = len(step.sample_rows[k]) * y.shape[1] * self._output_width(y)
+            refresh.next_compute = sample.step + fastcache_gap(refresh, horizon, errors.get(k), profile.floor(phase),
+                                                               allowance, p.significance, dof, gap)
 
     # ------------------------------------------------------------------ token selection and merging
 
