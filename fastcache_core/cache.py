@@ -164,6 +164,15 @@ class FastCache:
             self._pool.release(self._rows.pop(key).slot)
         return state.stats
 
+    def release_idle_memory(self) -> int:
+        """Free the pooled cache tensors when no sample is registered (e.g. after a burst); returns bytes freed.
+
+        A serving loop calls this when it has been idle a while; the pool grows again on the next forward.
+        """
+        if self._samples:
+            return 0
+        return self._pool.shrink()
+
     def bind(self, rows: Sequence[RowKey] | None) -> None:
         """Declare the (sample id, guidance branch) of every row of the next forwards; ``None`` = plain mode."""
         if rows is not None:
