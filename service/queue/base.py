@@ -19,7 +19,7 @@ class QueueFullError(Exception):
 
 
 class NotReadyError(Exception):
-    """The backend cannot take work now (503): model loading, queue unreachable, shutting down."""
+    """The backend cannot serve now (503 with Retry-After): model loading, queue unreachable, shutting down."""
 
 
 class IdempotencyConflict(Exception):
@@ -116,7 +116,12 @@ class JobBackend(ABC):
         """Progress events (``{"type": "step", ...}``) then one ``result`` event."""
 
     @abstractmethod
-    async def cancel(self, job_id: str) -> JobRecord | None: ...
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a job and wait (bounded) until it has left the batch; the record after that."""
+
+    @abstractmethod
+    async def abandon(self, job_id: str) -> None:
+        """The client waiting for the job went away: cancel it without waiting, freeing its batch slot."""
 
     async def refresh_metrics(self) -> None:
         """Update backend gauges (stream length, pending entries) before a scrape."""
