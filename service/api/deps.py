@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import secrets
 
@@ -71,7 +72,10 @@ def build_submission(request: Request, body: GenerationFields, *, prompt: str, n
     except InvalidField as error:
         raise invalid(error.field, error.message) from error
     timeout = body.timeout_seconds or settings.request_timeout
-    return JobSubmission(spec=spec, n=n, output_format=output_format, route=route, timeout_seconds=timeout)
+    # what the client sent, not the resolved spec: a retry without a seed must match its first try
+    fingerprint = hashlib.sha256(f"{route}\n{body.model_dump_json()}".encode()).hexdigest()
+    return JobSubmission(spec=spec, n=n, output_format=output_format, route=route, timeout_seconds=timeout,
+                         request_fingerprint=fingerprint)
 
 
 def invalid(field: str, message: str) -> APIError:

@@ -35,9 +35,13 @@ class JobSubmission:
     output_format: str
     route: str
     timeout_seconds: float
+    # hash of the request as the client sent it (before defaults and a random seed are filled in), for
+    # Idempotency-Key conflict detection; not sent to workers
+    request_fingerprint: str = field(default="", compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
+        data.pop("request_fingerprint")
         data["spec"]["cache"] = self.spec.cache.to_dict()
         return json.dumps(data, sort_keys=True)
 
@@ -51,8 +55,8 @@ class JobSubmission:
         return cls(spec=GenerationSpec(**spec), **data)
 
     def fingerprint(self) -> str:
-        """Hash of the request, for Idempotency-Key conflict detection."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """Hash of the request, for Idempotency-Key conflict detection (a retry must send the same body)."""
+        return self.request_fingerprint or hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
 @dataclass
