@@ -33,12 +33,14 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="default deadline of a request, seconds")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body")
     job_ttl_seconds: int = Field(3600, ge=10, description="how long finished jobs stay readable")
-    max_result_bytes: int = Field(256 * 1024 * 1024, ge=1024,
-                                  description="in-process queue: bytes of finished results kept at most (oldest dropped first)")
-    drain_timeout: float | None = Field(None, gt=0, description="seconds a stopping process lets in-flight work finish; "
-                                                                "default: the request timeout + 30")
-    idle_release_seconds: float = Field(60.0, ge=0, description="release pooled cache memory after this long with no work")
-    redis_timeout: float = Field(5.0, gt=0, description="seconds a Redis operation may take before it counts as an outage")
+    max_result_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process queue: bytes of finished "
+                                  "results' images kept at most (oldest dropped first)")
+    drain_timeout: float | None = Field(None, gt=0, description="seconds a stopping process lets in-flight work "
+                                        "finish; default: the request timeout + 30")
+    idle_release_seconds: float = Field(60.0, ge=0, description="release pooled cache memory after this long "
+                                        "with no work")
+    redis_timeout: float = Field(5.0, gt=0, description="seconds a Redis operation may take before it counts "
+                                 "as an outage (503)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     log_level: str = Field("info")
     # worker only
@@ -78,8 +80,8 @@ class Settings(BaseSettings):
 SERVE_FLAGS = ("host", "port", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "api_key",
                "queue", "request_timeout", "max_body_bytes", "job_ttl_seconds", "max_result_bytes", "drain_timeout",
                "idle_release_seconds", "redis_timeout", "threads", "log_level")
-WORKER_FLAGS = ("redis", "host", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "metrics_port",
-                "reclaim_idle_seconds", "max_deliveries", "dead_letter_maxlen", "job_ttl_seconds", "drain_timeout",
+WORKER_FLAGS = ("redis", "host", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue",
+                "metrics_port", "reclaim_idle_seconds", "max_deliveries", "dead_letter_maxlen", "job_ttl_seconds", "drain_timeout",
                 "idle_release_seconds", "redis_timeout", "threads", "log_level")
 
 

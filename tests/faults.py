@@ -133,7 +133,8 @@ class FaultLedger:
         assert self.unacknowledged >= 0
         self.duplicates += sum(max(0, result_events(redis_client, j) - 1) for j in others)
         stored = int(redis_client.get("fastcache:stats:results_stored") or 0)
-        assert stored == len(ids) + len(others), f"{self.fault}: {stored} results stored for {len(ids) + len(others)} jobs"
+        jobs = len(ids) + len(others)
+        assert stored == jobs, f"{self.fault}: {stored} results stored for {jobs} jobs"
         assert redis_client.xlen("fastcache:jobs") == 0, "entries left in the job stream"
         assert self.duplicates == 0
 
