@@ -110,7 +110,7 @@ def test_an_idempotency_key_outliving_its_job_starts_a_new_job_not_a_500(cluster
 def test_a_disconnected_generate_client_cancels_its_job_on_the_worker(cluster):
     redis_server, api, workers = cluster
     r = redis_server.client()
-    body = '{"prompt": "4", "steps": 200}'
+    body = '{"prompt": "4", "steps": 200, "n": 8}'
     request = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
 
