@@ -60,6 +60,7 @@ MIXED_CACHE = (
     {"method": "fbcache", "tolerance": 0.1},
 )
 DEFAULT_LOAD_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MIXES = ("resolutions", "steps", "cache")  # --mix (bench/serve_mix.py)
 QUICK_LOAD_FACTORS = (0.5, 1.5, 4.0)
 
 
@@ -226,15 +227,18 @@ async def _send(client: httpx.AsyncClient, body: dict[str, Any], scheduled: floa
         return Outcome(scheduled, sent, loop.time(), 0, [], f"{type(error).__name__}: {error}")
 
 
-async def open_loop(url: str, rate: float, count: int, args: argparse.Namespace, seed: int) -> tuple[list[Outcome], float]:
-    """Send ``count`` requests at Poisson arrivals of ``rate`` per second; return outcomes and the start."""
+async def open_loop(url: str, rate: float, count: int, args: argparse.Namespace, seed: int,
+                    bodies: list[dict[str, Any]] | None = None) -> tuple[list[Outcome], float]:
+    """Send ``count`` requests (``bodies``, or drawn from ``args``) at Poisson arrivals of ``rate`` per second;
+    return the outcomes in request order and the start."""
     rng = random.Random(seed)
     gaps = [rng.expovariate(rate) for _ in range(count)]
     arrivals, t = [], 0.0
     for gap in gaps:
         arrivals.append(t)  # the first request goes at once
         t += gap
-    bodies = [request_body(i, args, rng) for i in range(count)]
+    if bodies is None:
+        bodies = [request_body(i, args, rng) for i in range(count)]
     loop = asyncio.get_running_loop()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout + 60, limits=limits) as client:
@@ -344,7 +348,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--plot", default=None, help="write the latency-vs-throughput plot (PNG) here")
     parser.add_argument("--quick", action="store_true", help="3 rates x 16 requests: minutes on a CPU")
+    parser.add_argument("--mix", nargs="?", const=",".join(MIXES), default=None,
+                        help=f"mixed traffic instead: measure mixed_efficiency and latency per request kind for "
+                             f"these mixes (comma list of {', '.join(MIXES)}; all when given alone); see bench/README.md")
+    parser.add_argument("--mix-sizes", default=None,
+                        help="--mix resolutions: the common and the rarer size, e.g. 32,48; unset: native and 1.5x native")
+    parser.add_argument("--mix-load", type=float, default=0.8,
+                        help="--mix: latency is measured at this fraction of the capacity")
     args = parser.parse_args(argv)
+    if args.mix is not None:
+        args.mix = [m.strip() for m in args.mix.split(",") if m.strip()]
+        unknown = [m for m in args.mix if m not in MIXES]
+        if unknown or not args.mix:
+            parser.error(f"--mix takes {', '.join(MIXES)}; got {unknown or 'nothing'}")
+        if args.mixed_cache:
+            parser.error("--mix cache already mixes the cache settings of --mixed-cache: leave --mixed-cache out")
+    if args.mix_sizes:
+        try:
+            args.mix_sizes = [int(v) for v in args.mix_sizes.split(",")]
+        except ValueError:
+            parser.error("--mix-sizes takes two sizes in pixels, e.g. 32,48")
+        if len(args.mix_sizes) != 2 or min(args.mix_sizes) < 1:
+            parser.error("--mix-sizes takes two sizes in pixels, e.g. 32,48")
+    if not 0 < args.mix_load <= 2:
+        parser.error("--mix-load must be in (0, 2]")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error("--batch-sizes needs positive integers")
@@ -371,6 +398,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="bench-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.mix:
+        from bench.serve_mix import main_mix
+
+        try:
+            result = main_mix(args, argv, log_dir, _progress)
+        except BaseException:
+            _progress(f"failed; service logs kept in {log_dir}")
+            raise
+        if not args.logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        return result
     clusters = [Cluster(f"batch{b}", b, args, log_dir) for b in args.batch_sizes]
     mode = "redis" if (args.queue != "local" or args.start_redis) else "local"
     import torch

@@ -110,15 +110,6 @@ class FastCache:
         self._plain_ids = []
         self._plain_last = None
 
-    def release_idle_memory(self) -> bool:
-        """Free the cached-activation pool when no sample is registered (after a burst). Returns whether
-        anything was freed; the pool is recreated at its next use."""
-        if self._samples or not self.pool.tensors:
-            return False
-        self.pool.reset()
-        self._fresh_slots.clear()
-        return True
-
     def set_run(self, params: CacheParams | Sequence[CacheParams] | None = None, num_steps: int | None = None) -> None:
         """Params (one for all samples, or one per sample) and step count for following plain pipeline calls.
 
@@ -145,6 +136,16 @@ class FastCache:
         for key in [k for k, row in self._rows.items() if row.sample is state]:
             self.pool.release(self._rows.pop(key).slot)
         return state.stats
+
+    def release_idle_memory(self) -> int:
+        """Free the pooled cache tensors when no sample is registered (e.g. after a burst); returns bytes freed.
+
+        A serving loop calls this when it has been idle a while; the pool grows again on the next forward.
+        """
+        if self._samples:
+            return 0
+        self._fresh_slots.clear()
+        return self.pool.shrink()
 
     def bind(self, rows: Sequence[RowKey] | None) -> None:
         """Declare the (sample id, guidance branch) of every row of the next forwards; ``None`` = plain mode."""

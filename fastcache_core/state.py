@@ -55,12 +55,16 @@ class RowPool:
     """Named tensors of shape (capacity, ...) holding per-row cached activations.
 
     Tensors are created on first use with the shape, dtype and device they are asked for, and all
-    grow together (capacity doubles) when more rows are live than slots exist.
+    grow together (capacity doubles) when more rows are live than slots exist. A name asked for with
+    another per-row shape (a batch of another resolution interleaved with this one) gets its own
+    tensor; the one of the previous shape is set aside, not dropped, so rows of both resolutions keep
+    their cache. :meth:`shrink` gives all of it back once no row is live.
     """
 
     def __init__(self) -> None:
         self.capacity = 0
         self.tensors: dict[str, torch.Tensor] = {}
+        self._aside: dict[tuple, torch.Tensor] = {}  # (name, row shape, dtype, device) -> tensor not in use now
         self._free: list[int] = []
         self._used: set[int] = set()
 
@@ -77,36 +81,56 @@ class RowPool:
             self._free.append(slot)
 
     def get(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The pool tensor ``name``, (re)created when its per-row shape, dtype or device changed."""
+        """The pool tensor ``name`` for rows of ``row_shape``, ``dtype`` and ``device`` (created on first use)."""
         tensor = self.tensors.get(name)
         if tensor is None or tensor.shape[1:] != row_shape or tensor.dtype != dtype or tensor.device != device:
-            tensor = torch.zeros((self.capacity, *row_shape), dtype=dtype, device=device)
+            if tensor is not None:
+                self._aside[_signature(name, tensor)] = tensor
+            tensor = self._aside.pop((name, tuple(row_shape), dtype, torch.device(device)), None)
+            if tensor is None:
+                tensor = torch.zeros((self.capacity, *row_shape), dtype=dtype, device=device)
             self.tensors[name] = tensor
         return tensor
 
     def clear(self) -> None:
         self.tensors.clear()
+        self._aside.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pool's tensors."""
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self._aside.values()))
+
+    def shrink(self) -> int:
+        """Free every tensor and slot when no row is live (after a burst); returns the bytes released.
+
+        Does nothing while any slot is in use: live rows keep their cache.
+        """
+        if self._used:
+            return 0
+        released = self.nbytes
+        self.clear()
+        self._free.clear()
+        self.capacity = 0
+        return released
 
     def zero_rows(self, slots: torch.Tensor) -> None:
         """Zero every tensor at ``slots``: a row that takes a slot over inherits nothing from its last owner."""
-        for tensor in self.tensors.values():
+        for tensor in (*self.tensors.values(), *self._aside.values()):
             tensor.index_fill_(0, slots.to(tensor.device), 0)
 
-    def reset(self) -> None:
-        """Drop every tensor and slot (only when no row is live): the memory goes back to the allocator."""
-        if self._used:
-            raise RuntimeError("RowPool.reset() with live rows")
-        self.tensors.clear()
-        self._free.clear()
-        self.capacity = 0
-
     def _grow(self, capacity: int) -> None:
-        for name, tensor in self.tensors.items():
-            grown = tensor.new_zeros((capacity, *tensor.shape[1:]))
-            grown[: self.capacity] = tensor
-            self.tensors[name] = grown
+        for store in (self.tensors, self._aside):
+            for key, tensor in store.items():
+                grown = tensor.new_zeros((capacity, *tensor.shape[1:]))
+                grown[: self.capacity] = tensor
+                store[key] = grown
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
+
+
+def _signature(name: str, tensor: torch.Tensor) -> tuple:
+    return name, tuple(tensor.shape[1:]), tensor.dtype, tensor.device
 
 
 def gather_rows(pool: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

@@ -1,33 +1,13 @@
-"""Console scripts: ``fastcache-serve`` (API, in-process engine by default) and ``fastcache-worker``."""
+"""Console scripts: ``fastcache-serve`` (API, in-process engine by default) and ``fastcache-worker``.
+
+Flag parsing lives in ``service.settings`` so the worker module needs nothing from here (no import circle).
+"""
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from service.settings import SERVE_FLAGS, WORKER_FLAGS, parse_settings
 
-from service.settings import Settings
-
-SERVE_FLAGS = ("host", "port", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "api_key",
-               "queue", "request_timeout", "max_body_bytes", "job_ttl_seconds", "threads", "log_level")
-WORKER_FLAGS = ("redis", "host", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "metrics_port",
-                "reclaim_idle_seconds", "max_deliveries", "job_ttl_seconds", "threads", "log_level")
-
-
-def parse_settings(flags: tuple[str, ...], description: str, argv: list[str] | None) -> Settings:
-    """Settings from the environment, overridden by the flags given on the command line."""
-    env = Settings()
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog="Every flag can also be set as FASTCACHE_<FLAG> in the environment.")
-    for name in flags:
-        info = Settings.model_fields[name]
-        default = getattr(env, name)
-        if hasattr(default, "get_secret_value"):
-            default = "***"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=f"{info.description or name} (now: {default})")
-    args = parser.parse_args(argv)
-    given: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
-    return Settings(**{**env.model_dump(), **given})
+__all__ = ["SERVE_FLAGS", "WORKER_FLAGS", "parse_settings", "serve", "worker"]
 
 
 def serve(argv: list[str] | None = None) -> None:
@@ -41,7 +21,7 @@ def serve(argv: list[str] | None = None) -> None:
     telemetry.configure_logging(settings.log_level)
     app = create_app(settings, build_backend(settings))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.request_timeout) + 30)
+                            timeout_graceful_shutdown=int(settings.resolved_drain_timeout))
     _GracefulServer(config).run()
 
 
@@ -65,6 +45,6 @@ class _GracefulServer:
 
 def worker(argv: list[str] | None = None) -> None:
     """Run a GPU worker that takes jobs from Redis (``fastcache-worker``)."""
-    from service.worker import run_worker
+    from service.worker import main
 
-    run_worker(parse_settings(WORKER_FLAGS, "FastCache worker: runs jobs from a Redis stream.", argv))
+    main(argv)

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="default deadline of a request, seconds")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body")
     job_ttl_seconds: int = Field(3600, ge=10, description="how long finished jobs stay readable")
+    max_result_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process queue: bytes of finished "
+                                  "results' images kept at most (oldest dropped first)")
+    drain_timeout: float | None = Field(None, gt=0, description="seconds a stopping process lets in-flight work "
+                                        "finish; default: the request timeout + 30")
+    idle_release_seconds: float = Field(60.0, ge=0, description="release pooled cache memory after this long "
+                                        "with no work")
+    redis_timeout: float = Field(5.0, gt=0, description="seconds a Redis operation may take before it counts "
+                                 "as an outage (503)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     log_level: str = Field("info")
     # worker only
@@ -40,12 +48,17 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9100, ge=0, le=65535, description="worker: port of its /metrics")
     reclaim_idle_seconds: float = Field(120.0, gt=0, description="worker: reclaim jobs idle this long")
     max_deliveries: int = Field(3, ge=1, description="worker: deliveries before a job is dead-lettered")
+    dead_letter_maxlen: int = Field(10_000, ge=1, description="entries kept in the dead-letter stream (oldest trimmed)")
 
     @field_validator("api_key", "redis", "model_name", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # an empty FASTCACHE_API_KEY= (as compose files write it) means "no key", not "the empty key"
         return None if value == "" else value
+
+    @property
+    def resolved_drain_timeout(self) -> float:
+        return self.drain_timeout if self.drain_timeout is not None else self.request_timeout + 30.0
 
     @property
     def served_model_name(self) -> str:
@@ -62,3 +75,30 @@ class Settings(BaseSettings):
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+
+SERVE_FLAGS = ("host", "port", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "api_key",
+               "queue", "request_timeout", "max_body_bytes", "job_ttl_seconds", "max_result_bytes", "drain_timeout",
+               "idle_release_seconds", "redis_timeout", "threads", "log_level")
+WORKER_FLAGS = ("redis", "host", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue",
+                "metrics_port", "reclaim_idle_seconds", "max_deliveries", "dead_letter_maxlen", "job_ttl_seconds", "drain_timeout",
+                "idle_release_seconds", "redis_timeout", "threads", "log_level")
+
+
+def parse_settings(flags: tuple[str, ...], description: str, argv: list[str] | None) -> Settings:
+    """Settings from the environment, overridden by the flags given on the command line."""
+    import argparse
+
+    env = Settings()
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Every flag can also be set as FASTCACHE_<FLAG> in the environment.")
+    for name in flags:
+        info = Settings.model_fields[name]
+        default = getattr(env, name)
+        if hasattr(default, "get_secret_value"):
+            default = "***"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            help=f"{info.description or name} (now: {default})")
+    args = parser.parse_args(argv)
+    given: dict[str, object] = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**{**env.model_dump(), **given})

@@ -28,6 +28,9 @@ QUEUE_WAIT = Histogram(
 QUEUE_DEPTH = Gauge("fastcache_queue_depth", "Requests waiting to join the batch.", ["model"], registry=REGISTRY)
 IN_FLIGHT = Gauge("fastcache_inflight_requests", "Requests whose images are being denoised.", ["model"],
                   registry=REGISTRY)
+RUNNING_GROUPS = Gauge(
+    "fastcache_running_groups", "Compatibility groups (e.g. resolutions) with images in flight, one batch each.",
+    ["model"], registry=REGISTRY)
 BATCH_SIZE = Histogram(
     "fastcache_batch_size", "Images per transformer forward (one per denoising step).", ["model"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=REGISTRY)
@@ -66,6 +69,13 @@ RECLAIMED = Counter("fastcache_reclaimed_jobs_total", "Jobs reclaimed from a wor
                     registry=REGISTRY)
 DEAD_LETTERED = Counter("fastcache_dead_lettered_jobs_total", "Jobs moved to the dead-letter stream.",
                         registry=REGISTRY)
+HANDED_BACK = Counter("fastcache_handed_back_jobs_total",
+                      "Stream entries a worker read but did not start, handed back for another worker.",
+                      registry=REGISTRY)
+REDIS_ERRORS = Counter("fastcache_redis_errors_total", "Redis operations that failed (connection lost, timeout).",
+                       registry=REGISTRY)
+RESULTS_PRUNED = Counter("fastcache_results_pruned_total", "Finished job results dropped from the in-process store.",
+                         ["reason"], registry=REGISTRY)
 
 for _reason in ("queue_full", "not_ready", "unauthorized", "invalid", "body_too_large"):
     REJECTED.labels(reason=_reason)

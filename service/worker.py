@@ -1,15 +1,22 @@
 """``fastcache-worker``: runs the engine on one device and feeds it from the Redis job stream.
 
-The main thread talks to Redis; the engine thread only denoises. Each loop the main thread
-1. flushes what the engine produced (progress events, finished jobs: result stored, *then* ``XACK``
-   and ``XDEL``; retryable failures stay unacknowledged for redelivery);
-2. refreshes the idle time of its in-flight entries (``XCLAIM ... JUSTID``: a heartbeat that does not
-   count as a delivery), so only entries of dead workers look idle;
-3. reclaims entries idle past ``--reclaim-idle-seconds`` (``XAUTOCLAIM``), dead-lettering those delivered
-   more than ``--max-deliveries`` times;
-4. reads new jobs with ``XREADGROUP COUNT <free batch slots> BLOCK`` so it admits them at step boundaries;
+The main thread talks to Redis; the engine's threads only denoise and encode. Each loop the main thread
+1. flushes what the engine produced: progress, then finished jobs (result stored by one script, *then*
+   ``XACK`` + ``XDEL``; a job leaves ``in_flight`` only once both happened, so a Redis blip only delays
+   it; retryable failures are handed back for another delivery);
+2. refreshes the idle time of the entries it still owns (a heartbeat that is not a delivery); an entry
+   another worker has reclaimed meanwhile is cancelled here and its result discarded;
+3. reclaims entries idle past ``--reclaim-idle-seconds`` (``XAUTOCLAIM``), dead-lettering those
+   delivered more than ``--max-deliveries`` times;
+4. reads new entries with ``XREADGROUP COUNT <free image slots>``; an entry whose images do not fit
+   is handed back at once without costing a delivery, so no worker hoards work;
 5. forwards cancellation flags to the engine.
-Redis errors back off and retry; nothing the engine finished is dropped while Redis is away.
+
+Redis errors are retried by redis-py (``Retry`` with backoff); a longer outage only pauses steps 1-5
+while the engine keeps denoising. SIGTERM (or SIGINT) only sets a flag; the loop then stops reading,
+hands back what it has not started, lets running jobs finish for up to ``--drain-timeout`` seconds,
+stores their results, and exits - also when Redis is unreachable, leaving unstored jobs pending for
+another worker.
 """
 
 from __future__ import annotations
@@ -32,20 +39,39 @@ import redis
 from service import telemetry
 from service.engine.engine import Engine, Job, JobResult
 from service.engine.families import InvalidField, validate_spec
+from service.engine.job import JobError
 from service.queue.base import JobRecord, JobSubmission
-from service.queue.redis_streams import LAYOUT, STORE_RESULT_SCRIPT, UPDATE_PROGRESS_SCRIPT, RedisLayout
-from service.settings import Settings
+from service.queue.redis_protocol import (
+    EVENTS_MAXLEN,
+    HAND_BACK_IDLE_MS,
+    HAND_BACK_SCRIPT,
+    HEARTBEAT_SCRIPT,
+    LAYOUT,
+    STORE_RESULT_SCRIPT,
+    UPDATE_PROGRESS_SCRIPT,
+    RedisLayout,
+    client_options,
+)
+from service.settings import WORKER_FLAGS, Settings, parse_settings
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_MIN_STATUS = 500  # server-side failures are retried on another delivery; client errors are final
+IDLE_BLOCK_MS = 1000  # an idle worker blocks this long on the stream (a new entry wakes it at once)
+OUTAGE_PAUSE_SECONDS = 0.5  # after a failed Redis round, collect engine output this long before trying again
+STOP_GRACE_SECONDS = 5.0  # after the drain deadline: time for the engine to stop at a step boundary
+
+
+def redis_outage_errors() -> tuple[type[BaseException], ...]:
+    return (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError, OSError)
 
 
 @dataclass
 class _InFlight:
     entry_id: str
     job_id: str
-    job: Job | None = None
+    job: Job
+    lost: bool = False  # another worker owns the entry now: discard whatever this run produces
 
 
 class Worker:
@@ -61,55 +87,109 @@ class Worker:
         self.outbox: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._unflushed: list[tuple[str, str, Any]] = []
         self.in_flight: dict[str, _InFlight] = {}
+        self._hand_back: dict[str, bool] = {}  # entry id -> refund the delivery (never started)
+        self.stop_requested = False  # set by the signal handler: a plain flag, nothing else happens there
         self.stopping = False
         self.redis_ok = False
+        self.redis_error: str | None = "not connected yet"
+        self._drain_deadline: float | None = None
+        self._stopped_engine = False
         self._store = self.redis.register_script(STORE_RESULT_SCRIPT)
         self._progress = self.redis.register_script(UPDATE_PROGRESS_SCRIPT)
-        self._last_reclaim = 0.0
+        self._heartbeat_script = self.redis.register_script(HEARTBEAT_SCRIPT)
+        self._hand_back_script = self.redis.register_script(HAND_BACK_SCRIPT)
+        self._next = {"heartbeat": 0.0, "reclaim": 0.0, "cancellations": 0.0, "register": 0.0}
 
     # ------------------------------------------------------------------ lifecycle
 
+    def request_stop(self) -> None:
+        """Ask the worker to stop (signal-safe: only sets a flag the main loop acts on)."""
+        self.stop_requested = True
+
     def run(self) -> None:
-        """Serve until stopped; then drain in-flight jobs and flush their results."""
+        """Serve until stopped; then drain in-flight jobs (up to the drain timeout) and flush their results."""
         self.engine.start(warmup=True)
         while not self.engine.ready:
             if not self.engine.running:
                 raise RuntimeError("the engine failed to start; see the log above")
+            if self.stop_requested:
+                self.engine.stop_now()
+                return
             time.sleep(0.1)
-        backoff = 0.2
         while True:
+            if self.stop_requested and not self.stopping:
+                self._begin_stop()
+            if self.stopping and self._stop_progress():
+                break
             try:
-                if not self.redis_ok:
-                    self._register()
-                self._flush()
-                if self.stopping:
-                    if not self.engine.running and not self._unflushed and self.outbox.empty():
-                        break
-                    time.sleep(0.05)
-                    continue
-                self._heartbeat()
-                self._reclaim()
-                self._read()
-                self._forward_cancellations()
-                backoff = 0.2
-            except (redis.ConnectionError, redis.TimeoutError, OSError, redis.ResponseError) as error:
-                if isinstance(error, redis.ResponseError) and "NOGROUP" not in str(error):
+                self._round()
+                self._set_redis_ok()
+            except redis_outage_errors() as error:
+                self._note_outage(error)
+                self._collect_engine_output(OUTAGE_PAUSE_SECONDS)
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
                     raise
-                if self.redis_ok:
-                    logger.warning("redis unavailable (%s); retrying", error)
-                self.redis_ok = False
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        logger.info("worker %s drained and stopped", self.consumer)
+                self._note_outage(error)  # Redis came back empty (no persistence): register again
+        logger.info("worker %s stopped", self.consumer)
 
-    def stop(self) -> None:
-        """Stop reading; in-flight jobs finish; waiting ones are left to other workers."""
+    def _round(self) -> None:
+        if not self.redis_ok or time.monotonic() >= self._next["register"]:
+            self._register()
+        self._flush()
+        self._hand_back_pending()
+        self._heartbeat()
         if self.stopping:
+            self._collect_engine_output(0.05)
             return
+        self._reclaim()
+        self._read()
+        self._forward_cancellations()
+
+    def _begin_stop(self) -> None:
+        """Stop reading; hand back what has not started; running jobs finish until the drain deadline."""
         self.stopping = True
-        left = self.engine.shutdown(drain=True, timeout=0, fail_waiting=False)
-        for job in left:
-            self.in_flight.pop(job.job_id, None)
+        self._drain_deadline = time.monotonic() + self.settings.resolved_drain_timeout
+        telemetry.READY.set(0)
+        for job in self.engine.shutdown(drain=True, timeout=0, fail_waiting=False):
+            flight = self.in_flight.pop(job.job_id, None)
+            if flight is not None:
+                self._hand_back[flight.entry_id] = True
+        logger.info("worker %s stopping: %d jobs running, %d handed back", self.consumer, len(self.in_flight),
+                    len(self._hand_back))
+
+    def _stop_progress(self) -> bool:
+        """While stopping: whether the worker may exit now."""
+        settled = not self.engine.running and self.outbox.empty() and not self._unflushed and not self._hand_back
+        if settled:
+            return True
+        if time.monotonic() < self._drain_deadline:
+            return False
+        if not self._stopped_engine:  # out of time: stop at the next step; running jobs are handed back
+            logger.warning("drain timeout: stopping %d running jobs", len(self.in_flight))
+            self._stopped_engine = True
+            self.engine.stop_now()
+            self.engine.join(STOP_GRACE_SECONDS)
+            return False
+        # one last attempt at Redis is over: whatever is not stored stays pending for another worker
+        if self._unflushed or not self.outbox.empty() or self._hand_back:
+            logger.warning("exiting with %d results unstored and %d entries not handed back (redis: %s); "
+                           "other workers reclaim them", len(self._unflushed) + self.outbox.qsize(),
+                           len(self._hand_back), self.redis_error or "ok")
+        return True
+
+    def _set_redis_ok(self) -> None:
+        if not self.redis_ok:
+            logger.info("worker %s connected to redis", self.consumer)
+        self.redis_ok = True
+        self.redis_error = None
+
+    def _note_outage(self, error: BaseException) -> None:
+        telemetry.REDIS_ERRORS.inc()
+        if self.redis_ok:
+            logger.warning("redis unavailable (%s); the engine keeps running, results wait", error)
+        self.redis_ok = False
+        self.redis_error = f"redis unreachable: {error}"
 
     def _register(self) -> None:
         """(Re)create the consumer group and publish what the model accepts."""
@@ -120,36 +200,41 @@ class Worker:
                 raise
         self.redis.set(self.layout.model, json.dumps({"name": self.engine.model_name,
                                                        "limits": self.engine.limits.to_dict()}))
-        self.redis_ok = True
-        logger.info("worker %s registered on %s", self.consumer, self.layout.stream)
+        self._next["register"] = time.monotonic() + 30.0
+
+    def _due(self, name: str, every: float) -> bool:
+        now = time.monotonic()
+        if now < self._next[name]:
+            return False
+        self._next[name] = now + every
+        return True
 
     # ------------------------------------------------------------------ reading
 
     def _read(self) -> None:
         free = self.engine.free_slots
+        idle = not self.in_flight and self.outbox.empty() and not self._unflushed
         if free > 0:
             # idle: block on the stream (a new entry wakes us at once); busy: don't block on Redis, so
             # results and progress are flushed as soon as the engine produces them
-            block = None if self.in_flight else 100
             response = self.redis.xreadgroup(self.layout.group, self.consumer, {self.layout.stream: ">"},
-                                             count=free, block=block)
-            for _, entries in response or []:
-                for entry_id, fields in entries:
-                    self._take(entry_id, fields)
-        if self.in_flight:
-            self._wait_for_engine(0.01)
+                                             count=free, block=IDLE_BLOCK_MS if idle else None)
+            entries = [entry for _, batch in response or [] for entry in batch]
+            self._take_all(entries, free)
+            if idle:
+                return
+        self._collect_engine_output(0.05)
 
     def _reclaim(self) -> None:
-        now = time.monotonic()
-        if now - self._last_reclaim < min(1.0, self.settings.reclaim_idle_seconds / 2):
+        if not self._due("reclaim", min(1.0, self.settings.reclaim_idle_seconds / 2)):
             return
-        self._last_reclaim = now
         free = self.engine.free_slots
         if free <= 0:
             return
         idle_ms = int(self.settings.reclaim_idle_seconds * 1000)
         _, claimed, _ = self.redis.xautoclaim(self.layout.stream, self.layout.group, self.consumer, idle_ms,
                                               start_id="0-0", count=free)
+        entries = []
         for entry_id, fields in claimed:
             if fields is None:  # deleted meanwhile
                 self.redis.xack(self.layout.stream, self.layout.group, entry_id)
@@ -160,66 +245,111 @@ class Worker:
             if deliveries > self.settings.max_deliveries:
                 self._dead_letter(entry_id, fields, deliveries)
                 continue
-            telemetry.RECLAIMED.inc()
-            logger.info("reclaimed job %s (delivery %d)", fields.get("job_id"), deliveries)
-            self._take(entry_id, fields)
+            if deliveries > 1:
+                telemetry.RECLAIMED.inc()
+                logger.info("reclaimed job %s (delivery %d)", fields.get("job_id"), deliveries)
+            entries.append((entry_id, fields))
+        self._take_all(entries, free)
 
-    def _take(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Start one stream entry on the engine, or settle it at once."""
+    def _take_all(self, entries: list[tuple[str, dict[str, str]]], free: int) -> None:
+        """Start entries while their images fit in ``free`` slots; hand the rest back at once."""
+        for index, (entry_id, fields) in enumerate(entries):
+            try:
+                free -= self._take(entry_id, fields, free)
+            except Exception:
+                # Redis failed mid-way: what this worker has not started goes back, at no cost
+                for later_id, _ in entries[index:]:
+                    self._hand_back.setdefault(later_id, True)
+                raise
+
+    def _take(self, entry_id: str, fields: dict[str, str], free: int) -> int:
+        """Start one stream entry on the engine, settle it at once, or hand it back; image slots used."""
         job_id = fields.get("job_id") or f"entry-{entry_id}"
+        if job_id in self.in_flight:  # already running here (a duplicate entry for the same job)
+            return 0
         record = self._record(job_id)
         if record is not None and record.terminal:
             self._ack(entry_id)  # ran before (or cancelled while queued): one result per job
-            return
+            return 0
         try:
             submission = JobSubmission.from_json(fields["submission"])
         except Exception as error:  # unreadable payload: retried, then dead-lettered with this error
             self._note_attempt(job_id, f"unreadable job payload: {error!r}")
-            return
+            self._give_back(entry_id, refund=False)
+            return 0
         if self.redis.exists(self.layout.cancel(job_id)):
             self._settle(job_id, entry_id, JobResult("cancelled"))
-            return
+            return 0
         try:
             validate_spec(self.engine.limits, submission.spec)
         except InvalidField as error:
             self._settle(job_id, entry_id, JobResult("failed", error=_client_error(error)))
-            return
-        now = time.time()
-        created = record.created_at if record is not None else now
+            return 0
+        if submission.n > free:  # not enough free image slots here now: another worker (or we, later)
+            self._give_back(entry_id, refund=True)
+            return 0
+        created = record.created_at if record is not None else time.time()
         job = Job(job_id=job_id, spec=submission.spec, n=submission.n, output_format=submission.output_format,
                   route=submission.route, submitted_at=created, deadline=created + submission.timeout_seconds,
                   on_event=lambda event, j=job_id: self.outbox.put(("event", j, event)),
                   on_done=lambda result, j=job_id: self.outbox.put(("done", j, result)))
-        self.in_flight[job_id] = _InFlight(entry_id, job_id, job)
         try:
             self.engine.submit(job)
-        except Exception as error:  # full or stopping: stays pending, another delivery takes it
-            self.in_flight.pop(job_id, None)
-            logger.info("job %s left pending: %s", job_id, error)
+        except Exception as error:  # full or stopping: hand it back for another worker at no cost
+            logger.info("job %s handed back: %s", job_id, error)
+            self._give_back(entry_id, refund=True)
+            return 0
+        self.in_flight[job_id] = _InFlight(entry_id, job_id, job)
+        return submission.n
+
+    def _give_back(self, entry_id: str, refund: bool) -> None:
+        """Queue an entry for handing back (done at the start of the next round, retried until Redis takes it)."""
+        self._hand_back[entry_id] = self._hand_back.get(entry_id, True) and refund
+
+    def _hand_back_pending(self) -> None:
+        """Hand entries back to the group (``XCLAIM ... IDLE``), refunding the delivery of unstarted ones."""
+        for refund in (True, False):
+            ids = [entry_id for entry_id, r in self._hand_back.items() if r is refund]
+            if ids:
+                self._hand_back_script(keys=[self.layout.stream],
+                                       args=[self.layout.group, self.consumer, HAND_BACK_IDLE_MS,
+                                             "1" if refund else "0", *ids])
+                telemetry.HANDED_BACK.inc(len(ids))
+                for entry_id in ids:
+                    del self._hand_back[entry_id]
 
     # ------------------------------------------------------------------ results
 
     def _flush(self) -> None:
-        """Write what the engine produced; keep anything Redis refused for the next round."""
-        while True:
-            try:
-                self._unflushed.append(self.outbox.get_nowait())
-            except queue.Empty:
-                break
+        """Write what the engine produced, in order; whatever Redis refused is retried next round."""
+        self._collect_engine_output(0)
         while self._unflushed:
             kind, job_id, payload = self._unflushed[0]
+            flight = self.in_flight.get(job_id)
             if kind == "event":
-                self._publish_event(job_id, payload)
-            else:
-                flight = self.in_flight.pop(job_id, None)
-                if flight is not None:
+                if flight is not None and not flight.lost:
+                    self._publish_event(job_id, payload)
+            elif flight is not None:
+                if not flight.lost:
                     self._finish(flight, payload)
+                # only now, with the result stored and acknowledged, does the job leave in_flight
+                del self.in_flight[job_id]
             self._unflushed.pop(0)
+
+    def _collect_engine_output(self, seconds: float) -> None:
+        """Move what the engine produced to the unflushed list, waiting up to ``seconds`` for the first."""
+        try:
+            if seconds > 0:
+                self._unflushed.append(self.outbox.get(timeout=seconds))
+            while True:
+                self._unflushed.append(self.outbox.get_nowait())
+        except queue.Empty:
+            pass
 
     def _publish_event(self, job_id: str, event: dict[str, Any]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         self._progress(keys=[self.layout.job(job_id)], args=["running", event.get("step", 0), self.ttl], client=pipe)
-        pipe.xadd(self.layout.events(job_id), {"event": json.dumps(event)}, maxlen=1000, approximate=True)
+        pipe.xadd(self.layout.events(job_id), {"event": json.dumps(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.expire(self.layout.events(job_id), self.ttl)
         pipe.execute()
 
@@ -227,31 +357,29 @@ class Worker:
         error = result.error
         if result.status == "failed" and error is not None and error.status >= RETRYABLE_MIN_STATUS \
                 and error.code != "deadline_exceeded":
-            # leave it unacknowledged: another delivery retries it, up to the dead-letter bound
+            # a server-side failure (or a drain that ran out of time): another delivery retries it,
+            # up to the dead-letter bound
+            self._give_back(flight.entry_id, refund=False)
             self._note_attempt(flight.job_id, f"{error.code}: {error.message}")
-            if error.code == "shutting_down":
-                return
-            logger.warning("job %s failed (%s); left for redelivery", flight.job_id, error.message)
+            if error.code != "shutting_down":
+                logger.warning("job %s failed (%s); handed back for another delivery", flight.job_id, error.message)
             return
         self._settle(flight.job_id, flight.entry_id, result, flight.job)
 
     def _settle(self, job_id: str, entry_id: str, result: JobResult, job: Job | None = None) -> None:
-        """Store the final record (once per job), then acknowledge and delete the stream entry."""
+        """Store the final record (once per job, atomically with its event), then acknowledge the entry."""
         record = self._record(job_id) or JobRecord(id=job_id, status="queued")
         record.status = result.status
         record.finished_at = time.time()
         record.images = result.images or None
         if result.error is not None:
             record.error = {"code": result.error.code, "message": result.error.message, "status": result.error.status}
-        stored = self._store(keys=[self.layout.job(job_id), self.layout.results_stored],
-                             args=[json.dumps(record.to_dict()), self.ttl])
+        event = json.dumps({"type": "result", "job": record.to_dict()})
+        stored = self._store(keys=[self.layout.job(job_id), self.layout.results_stored, self.layout.events(job_id),
+                                   self.layout.results_refused],
+                             args=[json.dumps(record.to_dict()), self.ttl, event, self.layout.done_channel, job_id,
+                                   EVENTS_MAXLEN])
         if stored:
-            event = {"type": "result", "job": record.to_dict()}
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(self.layout.events(job_id), {"event": json.dumps(event)})
-            pipe.expire(self.layout.events(job_id), self.ttl)
-            pipe.publish(self.layout.done_channel, job_id)
-            pipe.execute()
             telemetry.record_request(record.route, result, self.engine.model_name, record.created_at,
                                      job.admitted_at if job is not None else None)
         self._ack(entry_id)
@@ -264,16 +392,17 @@ class Worker:
 
     def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
         job_id = fields.get("job_id") or f"entry-{entry_id}"
-        last_error = self.redis.hget(self.layout.job(job_id) + ":attempts", "last_error") or "worker lost the job"
+        last_error = self.redis.hget(self.layout.attempts(job_id), "last_error") or "worker lost the job"
         self.redis.xadd(self.layout.dead_letter, {"job_id": job_id, "entry_id": entry_id, "deliveries": deliveries,
-                                                  "error": last_error, "submission": fields.get("submission", "")})
+                                                  "error": last_error, "submission": fields.get("submission", "")},
+                        maxlen=self.settings.dead_letter_maxlen, approximate=True)
         telemetry.DEAD_LETTERED.inc()
         logger.error("job %s dead-lettered after %d deliveries: %s", job_id, deliveries, last_error)
         message = f"failed after {deliveries - 1} attempts: {last_error}"
-        self._settle(job_id, entry_id, JobResult("failed", error=_dead_letter_error(message)))
+        self._settle(job_id, entry_id, JobResult("failed", error=JobError("dead_lettered", message, 500)))
 
     def _note_attempt(self, job_id: str, message: str) -> None:
-        key = self.layout.job(job_id) + ":attempts"
+        key = self.layout.attempts(job_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping={"last_error": message})
         pipe.hincrby(key, "failures", 1)
@@ -287,36 +416,30 @@ class Worker:
     # ------------------------------------------------------------------ housekeeping
 
     def _heartbeat(self) -> None:
-        ids = [f.entry_id for f in self.in_flight.values()]
-        if ids:
-            self.redis.xclaim(self.layout.stream, self.layout.group, self.consumer, 0, ids, justid=True)
+        """Keep owned entries from looking idle; cancel runs whose entry another worker has taken."""
+        flights = {f.entry_id: f for f in self.in_flight.values() if not f.lost}
+        if not flights or not self._due("heartbeat", min(1.0, self.settings.reclaim_idle_seconds / 4)):
+            return
+        lost = self._heartbeat_script(keys=[self.layout.stream], args=[self.layout.group, self.consumer, *flights])
+        for entry_id in lost or []:
+            flight = flights[entry_id]
+            flight.lost = True
+            self.engine.cancel(flight.job_id)
+            logger.warning("job %s: entry %s is no longer ours (reclaimed or settled elsewhere); run cancelled",
+                           flight.job_id, entry_id)
 
     def _forward_cancellations(self) -> None:
-        ids = list(self.in_flight)
-        if not ids:
+        ids = [job_id for job_id, f in self.in_flight.items() if not f.lost]
+        if not ids or not self._due("cancellations", 0.25):
             return
         flags = self.redis.mget([self.layout.cancel(j) for j in ids])
         for job_id, flag in zip(ids, flags):
             if flag:
                 self.engine.cancel(job_id)
 
-    def _wait_for_engine(self, seconds: float) -> None:
-        try:
-            self._unflushed.append(self.outbox.get(timeout=seconds))
-        except queue.Empty:
-            pass
 
-
-def _client_error(error: InvalidField):
-    from service.engine.engine import JobError
-
+def _client_error(error: InvalidField) -> JobError:
     return JobError("invalid_request", f"{error.field}: {error.message}", 422)
-
-
-def _dead_letter_error(message: str):
-    from service.engine.engine import JobError
-
-    return JobError("dead_lettered", message, 500)
 
 
 class _HealthHandler(BaseHTTPRequestHandler):
@@ -329,10 +452,10 @@ class _HealthHandler(BaseHTTPRequestHandler):
         elif self.path == "/healthz":
             self._send(200, b'{"status": "ok"}', "application/json")
         elif self.path == "/readyz":
-            ok = worker is not None and worker.engine.ready and worker.redis_ok and not worker.stopping
-            telemetry.READY.set(1 if ok else 0)
-            self._send(200 if ok else 503, json.dumps({"status": "ready" if ok else "not ready"}).encode(),
-                       "application/json")
+            reason = _unready_reason(worker)
+            telemetry.READY.set(0 if reason else 1)
+            body = {"status": "not ready", "reason": reason} if reason else {"status": "ready"}
+            self._send(503 if reason else 200, json.dumps(body).encode(), "application/json")
         else:
             self._send(404, b'{"status": "not found"}', "application/json")
 
@@ -347,6 +470,21 @@ class _HealthHandler(BaseHTTPRequestHandler):
         pass
 
 
+def _unready_reason(worker: Worker | None) -> str | None:
+    """Why the worker cannot take work now, or ``None`` when it can."""
+    if worker is None:
+        return "model loading"
+    if worker.engine.startup_error:
+        return worker.engine.startup_error
+    if not worker.engine.ready:
+        return "model warming up"
+    if worker.stopping or worker.stop_requested:
+        return "shutting down"
+    if not worker.redis_ok:
+        return worker.redis_error or "redis unreachable"
+    return None
+
+
 def serve_operations(holder: dict[str, Any], host: str, port: int) -> ThreadingHTTPServer:
     """/metrics, /healthz and /readyz of a worker, on its own port, up before the model loads."""
     handler = type("Handler", (_HealthHandler,), {"holder": holder})
@@ -356,8 +494,8 @@ def serve_operations(holder: dict[str, Any], host: str, port: int) -> ThreadingH
 
 
 def run_worker(settings: Settings) -> None:
-    """Entry point of ``fastcache-worker``."""
-    from service.queue.local import build_engine
+    """Load the model, connect to Redis and serve until SIGTERM/SIGINT."""
+    from service.engine.loading import build_engine
 
     telemetry.configure_logging(settings.log_level)
     url = settings.redis or (settings.queue if settings.queue.startswith("redis") else None)
@@ -365,20 +503,30 @@ def run_worker(settings: Settings) -> None:
         raise SystemExit("fastcache-worker needs --redis redis://host:port/db (or FASTCACHE_REDIS)")
     holder: dict[str, Any] = {"settings": settings, "worker": None}
     server = serve_operations(holder, settings.host, settings.metrics_port)  # /healthz answers during the load
+    stop_early = threading.Event()  # a signal while the model loads
+    signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
+    signal.signal(signal.SIGINT, lambda *_: stop_early.set())
     try:
         engine = build_engine(settings)
         engine.max_queue = max(engine.max_queue, settings.max_batch_size)
-        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+        # the socket timeout must outlast the idle XREADGROUP block
+        timeout = max(settings.redis_timeout, IDLE_BLOCK_MS / 1000 + 1.0)
+        client = redis.Redis.from_url(url, **client_options(timeout, asynchronous=False))
         worker = Worker(settings, engine, client)
         holder["worker"] = worker
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-        signal.signal(signal.SIGINT, lambda *_: worker.stop())
+        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
+        if stop_early.is_set():
+            worker.request_stop()
         worker.run()
     finally:
         server.shutdown()
 
 
-if __name__ == "__main__":
-    from service.cli import worker
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``fastcache-worker`` and ``python -m service.worker``."""
+    run_worker(parse_settings(WORKER_FLAGS, "FastCache worker: runs jobs from a Redis stream.", argv))
 
-    worker()
+
+if __name__ == "__main__":
+    main()

@@ -24,3 +24,21 @@ def tiny_dit_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-dit"
     save_dit_pipeline(tiny_dit_pipeline(num_layers=3), path, LABELS)
     return path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The figures of the fault-injection tests (README, Reliability), when any ran."""
+    import json
+    import os
+
+    from tests.faults import LEDGERS
+
+    if not LEDGERS:
+        return
+    terminalreporter.section("reliability figures (fault injection)")
+    for ledger in LEDGERS:
+        terminalreporter.write_line(json.dumps(ledger.figures()))
+    path = os.environ.get("FASTCACHE_RELIABILITY_REPORT")
+    if path:
+        with open(path, "w") as out:
+            json.dump([ledger.figures() for ledger in LEDGERS], out, indent=2)

@@ -67,8 +67,9 @@ class Process:
 class Server(Process):
     """``python -m service`` on a free loopback port."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
-        self.port = free_port()
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *flags],
                          "server", env)
@@ -120,6 +121,13 @@ class RedisServer(Process):
         import redis
 
         return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing (a hung Redis)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
     def ping(self) -> bool:
         import redis

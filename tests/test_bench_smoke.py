@@ -104,3 +104,49 @@ def test_bench_cache_rejects_bad_flags(argv):
 
     with pytest.raises(SystemExit):
         cache.parse_args(argv)
+
+
+MIX_KEYS = {"mix", "mixed_efficiency", "expected_capacity_images_per_s", "mixed_capacity_images_per_s", "load_factor",
+            "mixed_rate_rps", "failed", "kinds"}
+KIND_KEYS = {"kind", "weight", "request", "capacity_images_per_s", "completed", "requests", "latency_p50_s",
+             "latency_p95_s", "latency_p99_s", "alone_rate_rps", "alone_latency_p50_s", "alone_latency_p95_s",
+             "alone_latency_p99_s", "p99_vs_alone"}
+
+
+def test_bench_serve_mix_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
+    from bench import serve
+
+    out = tmp_path / "mix.json"
+    result = serve.main(["--model", str(tiny_dit_dir), "--mix", "--batch-sizes", "4", "--requests", "5",
+                         "--steps", "2", "--ready-timeout", "120", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert set(data["mixed_efficiency"]) == {"resolutions", "steps", "cache"}
+    assert all(finite(v) and v > 0 for v in data["mixed_efficiency"].values())
+    assert [m["mix"] for m in data["mixes"]] == ["resolutions", "steps", "cache"]
+    for mix in data["mixes"]:
+        assert set(mix) == MIX_KEYS, mix
+        assert mix["mixed_efficiency"] == data["mixed_efficiency"][mix["mix"]]
+        assert math.isclose(sum(k["weight"] for k in mix["kinds"]), 1.0)
+        assert mix["failed"] == 0
+        for kind in mix["kinds"]:
+            assert set(kind) == KIND_KEYS, kind
+            assert finite(kind["capacity_images_per_s"]) and kind["capacity_images_per_s"] > 0
+            if kind["completed"]:  # a rare kind may draw no request in a 5-request smoke run
+                assert kind["latency_p50_s"] <= kind["latency_p95_s"] <= kind["latency_p99_s"]
+                assert finite(kind["p99_vs_alone"])
+            assert kind["alone_latency_p50_s"] <= kind["alone_latency_p99_s"]
+    kinds = {m["mix"]: [k["kind"] for k in m["kinds"]] for m in data["mixes"]}
+    assert kinds["resolutions"] == ["16x16", "24x24"] and kinds["steps"] == ["steps2", "steps1"]
+    assert len(kinds["cache"]) == len(serve.MIXED_CACHE)
+    assert [k["weight"] for k in data["mixes"][0]["kinds"]] == [0.8, 0.2]
+    printed = capsys.readouterr().out
+    assert printed.count("mixed_efficiency") == 3 and "| kind | weight |" in printed
+
+
+@pytest.mark.parametrize("argv", [["--mix", "nope"], ["--mix", "--mixed-cache"], ["--mix-sizes", "32"]])
+def test_bench_serve_rejects_bad_mix_flags(argv):
+    from bench import serve
+
+    with pytest.raises(SystemExit):
+        serve.parse_args(argv)

@@ -71,6 +71,16 @@ def test_cancel_frees_the_batch_slot_for_a_waiting_job(tiny_dit_dir):
         s.stop()
 
 
+def test_a_retry_with_the_same_idempotency_key_and_no_seed_returns_the_same_job(client):
+    body = {"prompt": "three", "steps": 2}  # no seed: the server draws one, the retry must still match
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "retry-no-seed"})
+    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "retry-no-seed"})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    other = client.post("/v1/jobs", json={**body, "steps": 3}, headers={"Idempotency-Key": "retry-no-seed"})
+    assert other.status_code == 422
+
+
 def test_unknown_job_is_404_problem(client):
     response = client.get("/v1/jobs/nope")
     assert response.status_code == 404

@@ -1,6 +1,6 @@
 """The HTTP service batches concurrent requests per step and each image equals its solo run."""
 
-from concurrent.futures import ThreadPoolExecutor
+import json
 
 import httpx
 import pytest
@@ -23,13 +23,25 @@ def generate(server, body, timeout=120.0):
     return response.json()
 
 
+def wait_job(client, job_id, timeout=180):
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"),
+               timeout)
+    return client.get(f"/v1/jobs/{job_id}").json()
+
+
 def test_concurrent_requests_share_batches_and_each_equals_its_solo_run(server):
     bodies = [{"prompt": str(i % 10), "seed": 100 + i, "steps": 30, "guidance_scale": 2.0,
                "cache": {"tolerance": TOLERANCES[i % 4]}} for i in range(8)]
-    with ThreadPoolExecutor(8) as pool:
-        batched = list(pool.map(lambda b: generate(server, b), bodies))
-    shared = [max(r["images"][0]["stats"]["batch_sizes"]) for r in batched]
-    assert max(shared) > 1, f"no request shared a batch: {shared}"
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        # a holder fills the batch while the eight queue; when it leaves, all eight join at one step boundary,
+        # however fast the machine is
+        holder = client.post("/v1/jobs", json={"prompt": "0", "n": 8, "steps": 200}).json()["id"]
+        wait_until(lambda: client.get(f"/v1/jobs/{holder}").json()["status"] == "running", 60)
+        ids = [client.post("/v1/jobs", json=body).json()["id"] for body in bodies]
+        assert [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == ["queued"] * 8
+        assert client.delete(f"/v1/jobs/{holder}").json()["status"] == "cancelled"
+        batched = [wait_job(client, i)["result"] for i in ids]
+    assert [r["images"][0]["stats"]["batch_sizes"] for r in batched] == [[8] * 30] * 8
     batch_sizes = metric_samples(server.metrics(), "fastcache_batch_size_bucket")
     total = sum(v for k, v in batch_sizes.items() if 'le="+Inf"' in k)
     singles = sum(v for k, v in batch_sizes.items() if 'le="1.0"' in k)
@@ -47,17 +59,26 @@ def test_concurrent_requests_share_batches_and_each_equals_its_solo_run(server):
 
 
 def test_a_request_joining_mid_denoising_enters_at_a_step_boundary(server):
-    long_body = {"prompt": "3", "seed": 7, "steps": 150, "guidance_scale": 2.0}
+    long_body = {"prompt": "3", "seed": 7, "steps": 200, "guidance_scale": 2.0}
     short_body = {"prompt": "8", "seed": 8, "steps": 10, "guidance_scale": 2.0, "cache": {"tolerance": 0.5}}
+    long_sizes = []
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        job = client.post("/v1/jobs", json=long_body).json()
-        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["steps_done"] >= 5, 60)
-        joined = client.post("/generate", json=short_body).json()
-        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", 120)
-        first = client.get(f"/v1/jobs/{job['id']}").json()["result"]["images"][0]["stats"]["batch_sizes"]
+        long_id = client.post("/v1/jobs", json=long_body).json()["id"]
+        short_id = None
+        with client.stream("GET", f"/v1/jobs/{long_id}/events") as events:
+            for line in events.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = json.loads(line[len("data: "):])
+                if "batch_size" not in data:
+                    break  # the result
+                long_sizes.append(data["batch_size"])
+                if short_id is None:  # the long job has run its first step: join it now
+                    short_id = client.post("/v1/jobs", json=short_body).json()["id"]
+        joined = wait_job(client, short_id)["result"]
     late = joined["images"][0]["stats"]["batch_sizes"]
-    assert late[0] == 2, "the joining request did not share the running batch from its first step"
-    assert first[0] == 1 and 2 in first, "the running request never saw the newcomer join"
+    assert late == [2] * 10, "the joining request did not share the running batch at every step"
+    assert long_sizes[0] == 1 and 2 in long_sizes and long_sizes[-1] == 1, "the running request never saw it join"
     solo = generate(server, short_body)
     difference = abs(decode_image(joined["images"][0]["b64_json"]) - decode_image(solo["images"][0]["b64_json"]))
     assert difference.max() <= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import secrets
 
@@ -9,7 +11,7 @@ from fastapi import Request
 
 from fastcache_core import CacheParams
 from service import telemetry
-from service.api.errors import APIError
+from service.api.errors import APIError, ClientDisconnected
 from service.api.schemas import GenerationFields
 from service.engine.families import GenerationSpec, InvalidField, validate_spec
 from service.queue.base import (
@@ -51,7 +53,8 @@ def build_submission(request: Request, body: GenerationFields, *, prompt: str, n
     limits = backend_of(request).limits()
     if limits is None:
         telemetry.REJECTED.labels(reason="not_ready").inc()
-        raise APIError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "5"})
+        raise APIError(503, "not_ready", "the model is not loaded yet or the queue is unreachable (see /readyz)",
+                       headers={"Retry-After": "5"})
     if n > settings.max_batch_size:
         raise invalid("n", f"n must be at most the server's max batch size {settings.max_batch_size}")
     spec = GenerationSpec(
@@ -69,7 +72,10 @@ def build_submission(request: Request, body: GenerationFields, *, prompt: str, n
     except InvalidField as error:
         raise invalid(error.field, error.message) from error
     timeout = body.timeout_seconds or settings.request_timeout
-    return JobSubmission(spec=spec, n=n, output_format=output_format, route=route, timeout_seconds=timeout)
+    # what the client sent, not the resolved spec: a retry without a seed must match its first try
+    fingerprint = hashlib.sha256(f"{route}\n{body.model_dump_json()}".encode()).hexdigest()
+    return JobSubmission(spec=spec, n=n, output_format=output_format, route=route, timeout_seconds=timeout,
+                         request_fingerprint=fingerprint)
 
 
 def invalid(field: str, message: str) -> APIError:
@@ -102,3 +108,30 @@ def failure(record: JobRecord) -> APIError:
     error = record.error or {"status": 500, "code": "failed", "message": "the job failed"}
     headers = {"Retry-After": "5"} if error["status"] == 503 else None
     return APIError(int(error["status"]), error["code"], error["message"], headers=headers)
+
+
+async def wait_for_result(request: Request, record: JobRecord, timeout: float) -> JobRecord:
+    """Wait for a job to finish; if the client disconnects first, cancel the job (freeing its batch slot).
+
+    Raises ``ClientDisconnected`` in that case (nobody reads the answer).
+    """
+    backend = backend_of(request)
+    waiting = asyncio.ensure_future(backend.wait(record.id, timeout))
+    watching = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()
+    await backend.abandon(record.id)
+    raise ClientDisconnected(record.id)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has closed the connection (the body was read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -7,12 +7,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import telemetry
+from service.queue.base import NotReadyError
 
 OPENAI_PREFIX = ("/v1/images", "/v1/models")  # routes that answer with OpenAI error objects
+RETRY_AFTER_SECONDS = "5"
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection while waiting; its job was cancelled, nobody reads the answer."""
 
 
 class APIError(Exception):
@@ -62,6 +68,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return problem_response(request, error)
+
+    @app.exception_handler(NotReadyError)
+    async def _not_ready(request: Request, error: NotReadyError) -> JSONResponse:
+        # the queue (Redis) is unreachable or the model is not loaded: a retryable 503, never a 500
+        telemetry.REJECTED.labels(reason="not_ready").inc()
+        return problem_response(request, APIError(503, "not_ready", f"not ready: {error}",
+                                                  headers={"Retry-After": RETRY_AFTER_SECONDS}))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_gone(request: Request, error: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody is listening
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.api.deps import backend_of, build_submission, failure, require_api_key, submit
+from service.api.deps import backend_of, build_submission, failure, require_api_key, submit, wait_for_result
 from service.api.errors import APIError
 from service.api.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobStatus
 from service.queue.base import JobRecord
@@ -29,7 +29,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
                                   height=body.height, output_format=body.output_format, route="generate")
     record = await submit(request, submission)
     backend = backend_of(request)
-    record = await backend.wait(record.id, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
+    record = await wait_for_result(request, record, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
     if not record.terminal:
         raise APIError(504, "deadline_exceeded", "the request did not finish in time")
     if record.status != "succeeded":

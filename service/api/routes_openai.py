@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.deps import backend_of, build_submission, failure, invalid, require_api_key, submit
+from service.api.deps import backend_of, build_submission, failure, invalid, require_api_key, submit, wait_for_result
 from service.api.errors import APIError
 from service.api.routes_generate import WAIT_MARGIN_SECONDS
 from service.api.schemas import OpenAIImageRequest, OpenAIImageResponse
@@ -28,7 +28,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Open
     submission = build_submission(request, body, prompt=body.prompt, n=body.n, width=width, height=height,
                                   output_format=body.output_format or "png", route="openai")
     record = await submit(request, submission)
-    record = await backend.wait(record.id, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
+    record = await wait_for_result(request, record, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
     if not record.terminal:
         raise APIError(504, "deadline_exceeded", "the request did not finish in time")
     if record.status != "succeeded":

@@ -15,7 +15,8 @@ class ImageStats(BaseModel):
     queue_wait_seconds: float = Field(description="from submission to admission into the running batch")
     compute_seconds: float = Field(description="from the image's first denoising step to its decoded result")
     steps: int = Field(description="denoising steps run")
-    batch_sizes: list[int] = Field(description="images in the batch at each of this image's steps")
+    batch_sizes: list[int] = Field(description="images in this image's batch (its resolution's group) "
+                                               "at each of its steps")
     blocks_computed: int = Field(description="block evaluations really run (per sample, a guidance pair counts once)")
     blocks_approximated: int = Field(description="block evaluations served by the cache")
     tokens_computed_fraction: float = Field(description="share of image-token block evaluations that really ran")

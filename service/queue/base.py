@@ -19,7 +19,7 @@ class QueueFullError(Exception):
 
 
 class NotReadyError(Exception):
-    """The backend cannot take work now (503): model loading, queue unreachable, shutting down."""
+    """The backend cannot serve now (503 with Retry-After): model loading, queue unreachable, shutting down."""
 
 
 class IdempotencyConflict(Exception):
@@ -35,9 +35,13 @@ class JobSubmission:
     output_format: str
     route: str
     timeout_seconds: float
+    # hash of the request as the client sent it (before defaults and a random seed are filled in), for
+    # Idempotency-Key conflict detection; not sent to workers
+    request_fingerprint: str = field(default="", compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
+        data.pop("request_fingerprint")
         data["spec"]["cache"] = self.spec.cache.to_dict()
         return json.dumps(data, sort_keys=True)
 
@@ -51,8 +55,8 @@ class JobSubmission:
         return cls(spec=GenerationSpec(**spec), **data)
 
     def fingerprint(self) -> str:
-        """Hash of the request, for Idempotency-Key conflict detection."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """Hash of the request, for Idempotency-Key conflict detection (a retry must send the same body)."""
+        return self.request_fingerprint or hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
 @dataclass
@@ -116,7 +120,12 @@ class JobBackend(ABC):
         """Progress events (``{"type": "step", ...}``) then one ``result`` event."""
 
     @abstractmethod
-    async def cancel(self, job_id: str) -> JobRecord | None: ...
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a job and wait (bounded) until it has left the batch; the record after that."""
+
+    @abstractmethod
+    async def abandon(self, job_id: str) -> None:
+        """The client waiting for the job went away: cancel it without waiting, freeing its batch slot."""
 
     async def refresh_metrics(self) -> None:
         """Update backend gauges (stream length, pending entries) before a scrape."""

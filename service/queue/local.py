@@ -1,4 +1,8 @@
-"""The in-process job backend: the API and the engine share one process (the default)."""
+"""The in-process job backend: the API and the engine share one process (the default).
+
+Finished results stay readable for ``--job-ttl-seconds`` and are pruned on a timer; their images
+count against ``--max-result-bytes``, past which the oldest finished results are dropped first.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,20 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+PRUNE_INTERVAL_SECONDS = 30.0
+
+
 @dataclass
 class _TrackedJob:
     record: JobRecord
     engine_job: Job
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    result_bytes: int = 0
 
 
 class LocalBackend(JobBackend):
-    """Runs jobs on an ``Engine`` in this process; job records live in memory for ``job_ttl_seconds``."""
+    """Runs jobs on an ``Engine`` in this process; job records live in memory, bounded in time and bytes."""
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
@@ -34,18 +42,23 @@ class LocalBackend(JobBackend):
         self.engine = engine
         self._jobs: dict[str, _TrackedJob] = {}
         self._idempotency: dict[str, tuple[str, str]] = {}
+        self._result_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load_task: asyncio.Task | None = None
+        self._prune_task: asyncio.Task | None = None
         self._load_error: str | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
             self._load_task = asyncio.create_task(self._load())
-        elif self.engine._thread is None:
+        elif not self.engine.started:
             self.engine.start()
+        self._prune_task = asyncio.create_task(self._prune_loop())
 
     async def _load(self) -> None:
+        from service.engine.loading import build_engine
+
         try:
             self.engine = await asyncio.to_thread(build_engine, self.settings)
             self.engine.start(warmup=True)
@@ -54,8 +67,9 @@ class LocalBackend(JobBackend):
             self._load_error = f"model failed to load: {error}"
 
     async def stop(self) -> None:
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
+        for task in (self._load_task, self._prune_task):
+            if task is not None and not task.done():
+                task.cancel()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown, True)
 
@@ -74,7 +88,6 @@ class LocalBackend(JobBackend):
         return True, ""
 
     async def submit(self, submission: JobSubmission, idempotency_key: str | None = None) -> JobRecord:
-        self._prune()
         fingerprint = submission.fingerprint()
         if idempotency_key is not None and idempotency_key in self._idempotency:
             known_fingerprint, job_id = self._idempotency[idempotency_key]
@@ -105,6 +118,7 @@ class LocalBackend(JobBackend):
             del self._jobs[job_id]
             raise NotReadyError(str(error)) from error
         if idempotency_key is not None:
+            # the check above and this write run without an await between them: atomic on the event loop
             self._idempotency[idempotency_key] = (fingerprint, job_id)
         return record
 
@@ -113,7 +127,9 @@ class LocalBackend(JobBackend):
         return tracked.record if tracked else None
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
-        tracked = self._jobs[job_id]
+        tracked = self._jobs.get(job_id)
+        if tracked is None:
+            raise NotReadyError(f"job {job_id} is no longer stored")
         async with tracked.changed:
             try:
                 await asyncio.wait_for(tracked.changed.wait_for(lambda: tracked.record.terminal), timeout)
@@ -143,11 +159,18 @@ class LocalBackend(JobBackend):
             await self.wait(job_id, timeout=30.0)
         return tracked.record
 
+    async def abandon(self, job_id: str) -> None:
+        if self.engine is not None:
+            self.engine.cancel(job_id)
+
     # -- engine callbacks, run on the event loop
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(callback(*args)))
+            try:
+                self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(callback(*args)))
+            except RuntimeError:  # the loop closed meanwhile (process exit)
+                pass
 
     async def _on_event(self, job_id: str, event: dict[str, Any]) -> None:
         tracked = self._jobs.get(job_id)
@@ -174,27 +197,50 @@ class LocalBackend(JobBackend):
                                 "status": result.error.status}
             tracked.events.append({"type": "result", "job": record.to_dict()})
             tracked.changed.notify_all()
+        tracked.result_bytes = sum(len(image.get("b64_json", "")) for image in record.images or [])
+        self._result_bytes += tracked.result_bytes
         job = tracked.engine_job
         telemetry.record_request(record.route, result, self.model_name, job.submitted_at, job.admitted_at)
+        self._enforce_byte_cap(keep=job_id)
 
-    def _prune(self) -> None:
-        horizon = time.time() - self.settings.job_ttl_seconds
-        for job_id in [j for j, t in self._jobs.items() if t.record.finished_at and t.record.finished_at < horizon]:
-            del self._jobs[job_id]
-        for key in [k for k, (_, j) in self._idempotency.items() if j not in self._jobs]:
+    # -- bounded memory
+
+    async def _prune_loop(self) -> None:
+        interval = min(PRUNE_INTERVAL_SECONDS, self.settings.job_ttl_seconds / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.prune()
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop finished jobs older than the TTL (and idempotency keys of dropped jobs); how many dropped."""
+        horizon = (now or time.time()) - self.settings.job_ttl_seconds
+        expired = [j for j, t in self._jobs.items() if t.record.finished_at and t.record.finished_at < horizon]
+        for job_id in expired:
+            self._drop(job_id, "expired")
+        return len(expired)
+
+    def _enforce_byte_cap(self, keep: str) -> None:
+        """Drop the oldest finished results until the stored images fit ``--max-result-bytes``."""
+        if self._result_bytes <= self.settings.max_result_bytes:
+            return
+        finished = sorted((t.record.finished_at, j) for j, t in self._jobs.items()
+                          if t.record.finished_at and t.result_bytes and j != keep)
+        for _, job_id in finished:
+            if self._result_bytes <= self.settings.max_result_bytes:
+                break
+            self._drop(job_id, "bytes")
+
+    @property
+    def stored_result_bytes(self) -> int:
+        """Bytes of base64 images held for finished jobs."""
+        return self._result_bytes
+
+    def _drop(self, job_id: str, reason: str) -> None:
+        tracked = self._jobs.pop(job_id, None)
+        if tracked is None:
+            return
+        self._result_bytes -= tracked.result_bytes
+        telemetry.RESULTS_PRUNED.labels(reason=reason).inc()
+        for key in [k for k, (_, j) in self._idempotency.items() if j == job_id]:
             del self._idempotency[key]
 
-
-def build_engine(settings: Settings) -> Engine:
-    """Load the configured pipeline and wrap it in an engine (not started)."""
-    import torch
-
-    from service.engine.engine import load_pipeline
-    from service.engine.families import runner_for
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = settings.resolved_device()
-    pipe = load_pipeline(settings.model, device, settings.resolved_dtype())
-    runner = runner_for(pipe, torch.device(device), pipe.transformer.dtype)
-    return Engine(runner, settings.served_model_name, settings.max_batch_size, settings.max_queue)

@@ -1,0 +1,37 @@
+"""Loading a diffusers pipeline and wrapping it in an ``Engine`` (used by the API and the worker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from service.engine.engine import Engine
+from service.settings import Settings
+
+
+def load_pipeline(model: str, device: str, dtype: str) -> Any:
+    """Load a diffusers pipeline from a local directory or hub id (``from_pretrained``), on ``device``."""
+    from diffusers import DiffusionPipeline
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    # components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None explicitly
+    index = DiffusionPipeline.load_config(model)
+    absent = {name: None for name, value in index.items()
+              if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None}
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Load the configured pipeline and wrap it in an engine (not started)."""
+    from service.engine.families import runner_for
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = settings.resolved_device()
+    pipe = load_pipeline(settings.model, device, settings.resolved_dtype())
+    runner = runner_for(pipe, torch.device(device), pipe.transformer.dtype)
+    return Engine(runner, settings.served_model_name, settings.max_batch_size, settings.max_queue,
+                  idle_release_seconds=settings.idle_release_seconds)

@@ -1,0 +1,151 @@
+"""The engine's scheduling policy: which waiting jobs join, and which running batch steps next.
+
+How it works (for a newcomer)
+-----------------------------
+Images can share one transformer forward only when they have the same *compatibility key*
+(resolution and model shape, see ``FamilyRunner.compat_key``). The scheduler keeps **one running
+batch per key** (a *group*) and at most ``max_batch_size`` images in flight over all groups together.
+It makes two decisions at every step boundary, and nothing else in the engine makes them:
+
+1. **Admission.** Waiting jobs join in arrival order while their images fit in the free capacity,
+   whatever their key: a job joins the group of its key, or opens a new group. The first job that
+   does not fit stops admission (no overtaking), so a large request is never starved by a stream of
+   small ones. Keys never block admission: a job never waits behind a job of another key.
+2. **Stepping.** Groups take turns, round-robin. A *round* gives every running group one denoising
+   step, so every image in flight advances exactly one step per round, whichever group it is in:
+   the same progress it would make in one big batch. A round runs one forward per group over at most
+   ``max_batch_size`` images in total. A new group takes its first turn at the end of the current round.
+
+Fairness bound (holds however the traffic mixes keys)
+-----------------------------------------------------
+* Once running, a job of ``S`` steps finishes after exactly ``S`` rounds.
+* Once at the head of the waiting queue, a job is admitted after at most ``R`` rounds, where ``R``
+  is the largest number of steps left to any job in flight when it reached the head: every round
+  frees the images of the jobs that finish, and no later job is admitted before it. So the head of
+  the queue waits at most **one full generation of the longest job already running**.
+* A job further back waits, in addition, for the jobs ahead of it (FIFO, bounded by ``max_queue``).
+
+A round costs one forward per running group; with ``G`` groups that is ``G - 1`` forward overheads
+more than one batch of the same images would cost: the price of not making any key wait.
+
+The scheduler is plain bookkeeping (no model, no threads, no clock): the engine calls it under its
+lock and does the model work itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Hashable, Iterable
+
+from service.engine.job import Job, QueueFull
+
+
+class Scheduler:
+    """Waiting queue, running groups (one per compatibility key) and the round-robin turn order."""
+
+    def __init__(self, max_batch_size: int, max_queue: int) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.waiting: deque[Job] = deque()
+        self._groups: dict[Hashable, list[Job]] = {}
+        self._turns: deque[Hashable] = deque()  # keys in the order they step; the next one first
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def images_running(self) -> int:
+        return sum(job.n for jobs in self._groups.values() for job in jobs)
+
+    @property
+    def images_waiting(self) -> int:
+        return sum(job.n for job in self.waiting)
+
+    @property
+    def free_slots(self) -> int:
+        """Images that could join now without waiting: capacity minus running and waiting images."""
+        return max(0, self.max_batch_size - self.images_running - self.images_waiting)
+
+    def running(self) -> list[Job]:
+        """Every running job, group by group in turn order."""
+        return [job for key in self._turns for job in self._groups.get(key, ())]
+
+    @property
+    def groups(self) -> dict[Hashable, list[Job]]:
+        """The running groups by key (a copy)."""
+        return {key: list(jobs) for key, jobs in self._groups.items()}
+
+    def find(self, job_id: str) -> Job | None:
+        for job in (*self.waiting, *self.running()):
+            if job.job_id == job_id:
+                return job
+        return None
+
+    # ------------------------------------------------------------------ decisions
+
+    def enqueue(self, job: Job) -> None:
+        """Add a job (its ``key`` already set) at the back of the waiting queue; ``QueueFull`` at the bound."""
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        self.waiting.append(job)
+
+    def admit(self) -> tuple[list[Job], list[Job]]:
+        """Admission at a step boundary: (jobs that join their group now, jobs that can never fit).
+
+        Arrival order, no overtaking: the first job whose images do not fit stops admission.
+        """
+        admitted: list[Job] = []
+        oversized: list[Job] = []
+        used = self.images_running
+        while self.waiting:
+            job = self.waiting[0]
+            if job.n > self.max_batch_size:  # a feeder that skipped validation: can never run here
+                oversized.append(self.waiting.popleft())
+                continue
+            if used + job.n > self.max_batch_size:
+                break
+            self.waiting.popleft()
+            used += job.n
+            if job.key not in self._groups:
+                self._groups[job.key] = []
+                self._turns.append(job.key)  # its first turn comes at the end of the current round
+            self._groups[job.key].append(job)
+            admitted.append(job)
+        return admitted, oversized
+
+    def next_group(self) -> list[Job]:
+        """The jobs of the group whose turn it is (empty when nothing runs); the turn passes on."""
+        while self._turns:
+            key = self._turns[0]
+            self._turns.rotate(-1)
+            jobs = self._groups.get(key)
+            if jobs:
+                return list(jobs)
+            self._forget(key)
+        return []
+
+    def remove(self, job: Job) -> None:
+        """A running job left (finished, failed, cancelled): its images free their slots now."""
+        jobs = self._groups.get(job.key)
+        if jobs is not None and job in jobs:
+            jobs.remove(job)
+            if not jobs:
+                self._forget(job.key)
+
+    def remove_waiting(self, jobs: Iterable[Job]) -> None:
+        drop = set(map(id, jobs))
+        self.waiting = deque(job for job in self.waiting if id(job) not in drop)
+
+    def take_waiting(self) -> list[Job]:
+        """Empty the waiting queue (shutdown) and return what was in it, in order."""
+        jobs = list(self.waiting)
+        self.waiting.clear()
+        return jobs
+
+    def _forget(self, key: Hashable) -> None:
+        self._groups.pop(key, None)
+        try:
+            self._turns.remove(key)
+        except ValueError:
+            pass

@@ -1,0 +1,110 @@
+"""The model side of the engine: prepares jobs, runs one denoising step for a group, decodes.
+
+Everything here runs on the engine's model thread. Each operation isolates failures per job: a
+request whose preparation, step or decoding raises fails alone with a clear error, and the other
+jobs of its batch carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from fastcache_core import FastCache
+from fastcache_core.stats import SampleStats
+from service.engine.families import FamilyRunner, GenerationSpec, InvalidField
+from service.engine.job import Job, JobError
+
+logger = logging.getLogger(__name__)
+
+
+class StepRunner:
+    """One ``FamilyRunner`` with FastCache attached: per-job preparation, batched steps, decoding."""
+
+    def __init__(self, family: FamilyRunner, cache: FastCache) -> None:
+        self.family = family
+        self.cache = cache
+
+    def compat_key(self, job: Job) -> tuple:
+        return self.family.compat_key(job.spec)
+
+    def prepare(self, job: Job) -> JobError | None:
+        """Register the job's images with the cache and build their latents; an error instead if that fails.
+
+        On failure nothing of the job is left registered in the cache.
+        """
+        registered = []
+        try:
+            for i in range(job.n):
+                spec: GenerationSpec = replace(job.spec, seed=job.spec.seed + i)
+                sample_id = (job.job_id, i)
+                self.cache.add_sample(sample_id, spec.cache, spec.steps)
+                registered.append(sample_id)
+                job.samples.append(self.family.prepare(sample_id, spec))
+        except Exception as error:
+            job.samples = []
+            for sample_id in registered:
+                self.cache.remove_sample(sample_id)
+            if isinstance(error, InvalidField):  # bad input the API could not see (a direct feeder)
+                return JobError("invalid_request", f"{error.field}: {error.message}", 422)
+            logger.exception("preparing job %s failed", job.job_id)
+            return JobError("prepare_failed", f"preparing the request failed: {error}", 500)
+        return None
+
+    def step(self, jobs: list[Job]) -> dict[str, JobError]:
+        """One denoising step for every image of ``jobs`` (one compatibility key): errors by job id.
+
+        One transformer forward serves all of them. If it raises, each job is retried alone so that
+        only the job(s) whose own forward fails are reported; a scheduler step that raises fails its job.
+        """
+        samples = [s for job in jobs for s in job.samples]
+        try:
+            outputs = self.family.forward(samples, self.cache)
+        except Exception as error:
+            if len(jobs) == 1:
+                logger.exception("denoising step of job %s failed", jobs[0].job_id)
+                return {jobs[0].job_id: JobError("step_failed", f"model step failed: {error}", 500)}
+            logger.warning("batched step of %d jobs failed (%s); retrying each job alone", len(jobs), error)
+            errors: dict[str, JobError] = {}
+            for job in jobs:
+                errors.update(self.step([job]))
+            return errors
+        errors = {}
+        offset = 0
+        for job in jobs:
+            mine = outputs[offset: offset + len(job.samples)]
+            offset += len(job.samples)
+            try:
+                for sample, output in zip(job.samples, mine):
+                    self.family.step(sample, output)
+            except Exception as error:
+                logger.exception("scheduler step of job %s failed", job.job_id)
+                errors[job.job_id] = JobError("step_failed", f"model step failed: {error}", 500)
+        return errors
+
+    def decode(self, job: Job) -> list[Any]:
+        """The job's images (PIL), decoded by the VAE; raises on failure (the caller fails the job)."""
+        return self.family.decode(job.samples)
+
+    def release(self, job: Job) -> list[SampleStats]:
+        """Unregister the job's images from the cache and return their counters (nothing if never prepared)."""
+        stats = []
+        for sample in job.samples:
+            try:
+                stats.append(self.cache.remove_sample(sample.sample_id))
+            except KeyError:
+                pass
+        job.samples = []
+        return stats
+
+    def warmup(self, spec: GenerationSpec) -> None:
+        """One short generation end to end: proves the model runs before the engine reports ready."""
+        self.cache.add_sample("__warmup__", spec.cache, spec.steps)
+        try:
+            sample = self.family.prepare("__warmup__", spec)
+            while not sample.done:
+                self.family.step(sample, self.family.forward([sample], self.cache)[0])
+            self.family.decode([sample])
+        finally:
+            self.cache.remove_sample("__warmup__")
