@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -34,31 +33,13 @@ from fastcache_core.forecast import StackHistory
 from fastcache_core.profile import CacheProfile, default_calibration_path, phase_of
 from fastcache_core.stack import StackRunner
 from fastcache_core.state import RowPool, RowState, SampleState
+from fastcache_core.step import StepContext
 from fastcache_core.stats import SampleStats
 
 logger = logging.getLogger(__name__)
 
 RowKey = tuple[Hashable, int]
 """A batch row: (sample id, guidance branch)."""
-
-
-@dataclass
-class StepContext:
-    """What one transformer forward is about: its rows, their samples and times."""
-
-    rows: list[RowState]
-    samples: list[SampleState]
-    sample_rows: list[list[int]]
-    """Batch row indices of each sample, in sample order."""
-    times: torch.Tensor | None
-    """Normalized time of each row, (B,) float32 on the batch's device."""
-    phases: list[int]
-    """Schedule phase of each sample."""
-    bypass: bool = False
-    running: bool = False
-    """True while the stack runner executes blocks: pass-through hooks then call through."""
-    output: Any = None
-    """The stack's output once it ran; later blocks hand it on."""
 
 
 class FastCache:
@@ -86,10 +67,11 @@ class FastCache:
         self._plain_counter = 0
         self._step: StepContext | None = None
         self._forward_signature = inspect.signature(transformer.forward)
-        self._runner = StackRunner(self)
         if getattr(transformer, "_fastcache", None) is not None:
             raise RuntimeError("FastCache is already applied to this transformer; call .remove() first")
         hooks.attach(self)
+        self._runner = StackRunner(transformer, self.adapter, self.blocks, self.config, self.profile, self.pool,
+                                   self.history, lambda: hooks.block_callables(self.blocks))
         transformer._fastcache = self
 
     # ------------------------------------------------------------------ public API

@@ -13,13 +13,26 @@ offloading, layerwise casting), and ``FastCache.remove()`` removes them with ``r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-if TYPE_CHECKING:
-    from fastcache_core.cache import FastCache
+from fastcache_core.step import StepContext
+
+
+class CacheHandle(Protocol):
+    """What the hooks need of the cache they serve (``FastCache``)."""
+
+    transformer: torch.nn.Module
+    blocks: list[torch.nn.Module]
+    _step: StepContext | None
+
+    def _begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
+
+    def _end_step(self) -> None: ...
+
+    def _run_stack(self, first_block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
 
 STEP_HOOK = "fastcache_step"
 STACK_HOOK = "fastcache_stack"
@@ -29,7 +42,7 @@ BLOCK_HOOK = "fastcache_pass_through"
 class FastCacheStepHook(ModelHook):
     """Opens and closes the step context around every transformer forward."""
 
-    def __init__(self, cache: "FastCache") -> None:
+    def __init__(self, cache: CacheHandle) -> None:
         super().__init__()
         self.cache = cache
 
@@ -45,7 +58,7 @@ class FastCacheStepHook(ModelHook):
 class FastCacheStackHook(ModelHook):
     """Runs the block stack of a cached step in place of the first block."""
 
-    def __init__(self, cache: "FastCache") -> None:
+    def __init__(self, cache: CacheHandle) -> None:
         super().__init__()
         self.cache = cache
 
@@ -59,7 +72,7 @@ class FastCacheStackHook(ModelHook):
 class FastCachePassThroughHook(ModelHook):
     """Hands the stack's output on (the stack already ran) or calls the block through."""
 
-    def __init__(self, cache: "FastCache") -> None:
+    def __init__(self, cache: CacheHandle) -> None:
         super().__init__()
         self.cache = cache
 
@@ -70,7 +83,7 @@ class FastCachePassThroughHook(ModelHook):
         return step.output
 
 
-def attach(cache: "FastCache") -> None:
+def attach(cache: CacheHandle) -> None:
     """Register the three kinds of hooks for ``cache`` on its transformer and blocks."""
     for module in (cache.transformer, *cache.blocks):
         for name in (STEP_HOOK, STACK_HOOK, BLOCK_HOOK):
@@ -83,7 +96,7 @@ def attach(cache: "FastCache") -> None:
     HookRegistry.check_if_exists_or_initialize(cache.transformer).invalidate_child_registries_cache()
 
 
-def detach(cache: "FastCache") -> None:
+def detach(cache: CacheHandle) -> None:
     """Remove every FastCache hook (diffusers' ``remove_hook``); other hooks stay as they were."""
     registry = HookRegistry.check_if_exists_or_initialize(cache.transformer)
     registry.remove_hook(STEP_HOOK, recurse=False)
@@ -94,8 +107,8 @@ def detach(cache: "FastCache") -> None:
     registry.invalidate_child_registries_cache()
 
 
-def block_callables(cache: "FastCache") -> list[Any]:
+def block_callables(blocks: list[torch.nn.Module]) -> list[Any]:
     """What the stack runner calls to really compute each block: the first block's forward below the
     stack hook (it would re-enter the runner), the other blocks themselves (through their hooks)."""
-    head = HookRegistry.check_if_exists_or_initialize(cache.blocks[0]).get_hook(STACK_HOOK)
-    return [head.fn_ref.original_forward, *cache.blocks[1:]]
+    head = HookRegistry.check_if_exists_or_initialize(blocks[0]).get_hook(STACK_HOOK)
+    return [head.fn_ref.original_forward, *blocks[1:]]

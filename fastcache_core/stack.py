@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,9 +32,12 @@ from fastcache_core.decisions import (
     taylorseer_computes,
     teacache_reuses_stack,
 )
-from fastcache_core.forecast import projected_error
-from fastcache_core.hooks import block_callables
-from fastcache_core.state import SampleState, gather_rows, write_rows
+from fastcache_core.adapters import TransformerAdapter
+from fastcache_core.config import FastCacheConfig
+from fastcache_core.forecast import StackHistory, projected_error
+from fastcache_core.profile import CacheProfile
+from fastcache_core.state import RowPool, SampleState, gather_rows, write_rows
+from fastcache_core.step import StepContext
 from fastcache_core.stats import BlockCostModel
 from fastcache_core.tokens import (
     gather_tokens,
@@ -45,9 +48,6 @@ from fastcache_core.tokens import (
     scatter_tokens,
     top_tokens,
 )
-
-if TYPE_CHECKING:
-    from fastcache_core.cache import FastCache, StepContext
 
 COMPUTE, FORECAST, REUSE, FIRST_BLOCK, TEACACHE = "compute", "forecast", "reuse", "first_block", "teacache"
 _MAX_CACHED_INDICES = 512
@@ -64,10 +64,23 @@ class _Part:
 
 
 class StackRunner:
-    """Executes one step of the block stack for a ``FastCache`` (see the module docstring)."""
+    """Executes one step of the block stack for a ``FastCache`` (see the module docstring).
 
-    def __init__(self, cache: "FastCache") -> None:
-        self.cache = cache
+    ``block_callables`` returns what really computes each block (hooks.block_callables).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, adapter: TransformerAdapter, blocks: list[torch.nn.Module],
+                 config: FastCacheConfig, profile: CacheProfile, pool: RowPool, history: StackHistory,
+                 block_callables: Callable[[], list[Any]]) -> None:
+        self.transformer = transformer
+        self.adapter = adapter
+        self.blocks = blocks
+        self.config = config
+        self.profile = profile
+        self.pool = pool
+        self.history = history
+        self.block_callables = block_callables
+        self._step: StepContext | None = None
         self.costs = BlockCostModel()
         self._indices: dict[tuple[Any, ...], torch.Tensor] = {}
         self._measure_call: tuple[dict[str, Any], torch.Tensor, torch.Tensor | None] | None = None
@@ -75,10 +88,11 @@ class StackRunner:
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def run(self, step: "StepContext", call: dict[str, Any]) -> Any:
-        adapter = self.cache.adapter
+    def run(self, step: StepContext, call: dict[str, Any]) -> Any:
+        adapter = self.adapter
         image, text = adapter.split_streams(call)
         slots = self._tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
+        self._step = step
         self._measure_call = (call, image, text)
         modes = [self._planned_mode(sample) for sample in step.samples]
         if TEACACHE in modes:
@@ -99,11 +113,12 @@ class StackRunner:
         self._count_full_cost(step, image, text)
         out_image, out_text = self._assemble(parts, image, text)
         self._measure_call = None
+        self._step = None
         return adapter.streams_to_output(out_image, out_text)
 
     def _planned_mode(self, sample: SampleState) -> str:
         p = sample.params
-        config = self.cache.config
+        config = self.config
         if p.method == "none" or p.tolerance <= 0.0 or sample.is_forced(config.first_steps, config.last_steps):
             return COMPUTE
         if p.method == "teacache":
@@ -121,24 +136,24 @@ class StackRunner:
 
     # ------------------------------------------------------------------ modes
 
-    def _forecast(self, step: "StepContext", rows: list[int], image: torch.Tensor, text: torch.Tensor | None,
+    def _forecast(self, step: StepContext, rows: list[int], image: torch.Tensor, text: torch.Tensor | None,
                   slots: torch.Tensor) -> _Part:
         index = self._rows_index(rows, image)
-        y = self.cache.history.forecast(self._take(slots, index), self._take(step.times, index),
+        y = self.history.forecast(self._take(slots, index), self._take(step.times, index),
                                         self._gains(step, rows, image), image)
         per_row = image.shape[1] * image.shape[2]
         for sample, count in self._samples_of(step, rows):
-            sample.stats.blocks_approximated += len(self.cache.blocks)
+            sample.stats.blocks_approximated += len(self.blocks)
             sample.stats.macs_computed += per_row * count
         return _Part(rows, y, self._take(text, index))
 
     def _residual_reuse(self, rows: list[int], image: torch.Tensor, text: torch.Tensor | None,
                         slots: torch.Tensor) -> _Part:
         index = self._rows_index(rows, image)
-        y = self.cache.history.residual_reuse(self._take(slots, index), self._take(image, index))
+        y = self.history.residual_reuse(self._take(slots, index), self._take(image, index))
         return _Part(rows, y, self._take(text, index))
 
-    def _compute(self, step: "StepContext", call: dict[str, Any], members: list[int], rows: list[int],
+    def _compute(self, step: StepContext, call: dict[str, Any], members: list[int], rows: list[int],
                  image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor) -> _Part:
         index = self._rows_index(rows, image)
         row_slots = self._take(slots, index)
@@ -155,13 +170,13 @@ class StackRunner:
         for k in members:
             sample = step.samples[k]
             n_rows = len(step.sample_rows[k])
-            sample.stats.blocks_computed += len(self.cache.blocks)
+            sample.stats.blocks_computed += len(self.blocks)
             sample.stats.tokens_computed += computed_tokens[k]
             sample.stats.tokens_total += tokens
             sample.stats.macs_computed += self._stack_macs(computed_tokens[k]) * n_rows
         return _Part(rows, y, y_text, text_known=y_text is not None or text is None)
 
-    def _first_block(self, step: "StepContext", call: dict[str, Any], members: list[int], rows: list[int],
+    def _first_block(self, step: StepContext, call: dict[str, Any], members: list[int], rows: list[int],
                      image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor) -> _Part:
         """First-Block-Cache per sample: block 0 runs, the tail is reused while its residual holds still."""
         index = self._rows_index(rows, image)
@@ -169,7 +184,7 @@ class StackRunner:
         x, x_text = self._take(image, index), self._take(text, index)
         first, first_text = self._blocks(call, index, x, x_text, None, 0, stop=1)
         residual = first - x
-        pool = self.cache.pool
+        pool = self.pool
         first_pool = pool.get("fbcache.first", tuple(residual.shape[1:]), residual.dtype, residual.device)
         tail_pool = pool.get("fbcache.tail", tuple(residual.shape[1:]), residual.dtype, residual.device)
         previous = gather_rows(first_pool, row_slots, None)
@@ -213,31 +228,31 @@ class StackRunner:
             sample.stats.tokens_total += image.shape[1]
             if mine[0] in reused:
                 sample.stats.blocks_computed += 1
-                sample.stats.blocks_approximated += len(self.cache.blocks) - 1
+                sample.stats.blocks_approximated += len(self.blocks) - 1
                 sample.stats.macs_computed += first_macs * len(mine)
             else:
-                sample.stats.blocks_computed += len(self.cache.blocks)
+                sample.stats.blocks_computed += len(self.blocks)
                 sample.stats.macs_computed += full_macs * len(mine)
                 sample.refresh.computes += 1
                 sample.refresh.last_compute = sample.step
         return _Part(rows, y, y_text, text_known=y_text is not None or text is None)
 
-    def _decide_teacache(self, step: "StepContext", call: dict[str, Any], image: torch.Tensor,
+    def _decide_teacache(self, step: StepContext, call: dict[str, Any], image: torch.Tensor,
                          slots: torch.Tensor, modes: list[str]) -> None:
         """TeaCache per sample: reuse the stack while the accumulated rescaled input change stays small."""
         members = [k for k, mode in enumerate(modes) if mode == TEACACHE]
         rows = [r for k in members for r in step.sample_rows[k]]
         index = self._rows_index(rows, image)
-        adapter = self.cache.adapter
-        modulated = adapter.modulated_input(self.cache.blocks[0], adapter.select_rows(call, index),
+        adapter = self.adapter
+        modulated = adapter.modulated_input(self.blocks[0], adapter.select_rows(call, index),
                                             self._take(image, index))
-        pool = self.cache.pool.get("teacache.previous", tuple(modulated.shape[1:]), modulated.dtype, modulated.device)
+        pool = self.pool.get("teacache.previous", tuple(modulated.shape[1:]), modulated.dtype, modulated.device)
         row_slots = self._take(slots, index)
         previous = gather_rows(pool, row_slots, None)
         values = torch.stack([(modulated - previous).abs().flatten(1).sum(1),
                               previous.abs().flatten(1).sum(1)]).float().tolist()
         write_rows(pool, row_slots, None, modulated)
-        coefficients = self.cache.profile.metadata.get("teacache_coefficients", [1.0, 0.0])
+        coefficients = self.profile.metadata.get("teacache_coefficients", [1.0, 0.0])
         local = {r: i for i, r in enumerate(rows)}
         for k in members:
             sample = step.samples[k]
@@ -250,7 +265,7 @@ class StackRunner:
             sample.teacache_accumulated += max(0.0, _polyval(coefficients, change))
             if teacache_reuses_stack(sample.teacache_accumulated, sample.params.tolerance):
                 modes[k] = REUSE
-                sample.stats.blocks_approximated += len(self.cache.blocks)
+                sample.stats.blocks_approximated += len(self.blocks)
                 sample.stats.macs_computed += image.shape[1] * image.shape[2] * len(mine)
             else:
                 sample.teacache_accumulated = 0.0
@@ -258,12 +273,11 @@ class StackRunner:
 
     # ------------------------------------------------------------------ after a real compute
 
-    def _after_compute(self, step: "StepContext", members: list[int], rows: list[int], index: torch.Tensor | None,
+    def _after_compute(self, step: StepContext, members: list[int], rows: list[int], index: torch.Tensor | None,
                        row_slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Measure FastCache samples' forecast error, record the outputs, set the next horizons."""
-        cache = self.cache
         local = {r: i for i, r in enumerate(rows)}
-        guarded = cache.profile.guard_slack is not None
+        guarded = self.profile.guard_slack is not None
         measured = [k for k in members if guarded and step.samples[k].params.method == "fastcache"
                     and step.samples[k].params.tolerance > 0.0 and step.samples[k].refresh.computes >= 2]
         errors: dict[int, float] = {}
@@ -271,7 +285,7 @@ class StackRunner:
             mine = [local[r] for k in measured for r in step.sample_rows[k]]
             sub = self._tensor(tuple(mine), y.device, torch.long)
             batch_rows = [rows[i] for i in mine]
-            forecast = cache.history.forecast(row_slots.index_select(0, sub),
+            forecast = self.history.forecast(row_slots.index_select(0, sub),
                                               step.times.index_select(0, self._tensor(tuple(batch_rows), y.device, torch.long)),
                                               self._gains(step, batch_rows, y), y)
             real = y.index_select(0, sub)
@@ -285,12 +299,12 @@ class StackRunner:
             macs = 2 * y.shape[1] * y.shape[2] * self._output_width(y)
             for k in measured:
                 step.samples[k].stats.macs_computed += macs * len(step.sample_rows[k])
-        cache.history.record(row_slots, self._take(step.times, index), y)
+        self.history.record(row_slots, self._take(step.times, index), y)
         keep_inputs = [local[r] for k in members if _keeps_inputs(step.samples[k]) for r in step.sample_rows[k]]
         if keep_inputs:
             sub = self._tensor(tuple(keep_inputs), y.device, torch.long)
-            cache.history.record_input(row_slots.index_select(0, sub), x.index_select(0, sub))
-        profile = cache.profile
+            self.history.record_input(row_slots.index_select(0, sub), x.index_select(0, sub))
+        profile = self.profile
         for k in members:
             sample = step.samples[k]
             refresh = sample.refresh
@@ -312,7 +326,7 @@ class StackRunner:
 
     # ------------------------------------------------------------------ token selection and merging
 
-    def _compute_selected(self, step: "StepContext", call: dict[str, Any], members: list[int], rows: list[int],
+    def _compute_selected(self, step: StepContext, call: dict[str, Any], members: list[int], rows: list[int],
                           index: torch.Tensor | None, x: torch.Tensor, x_text: torch.Tensor | None,
                           row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, int]]:
         """Real computes where some samples run only their moving tokens (static tokens take the
@@ -320,7 +334,7 @@ class StackRunner:
         n_tokens = x.shape[1]
         local = {r: i for i, r in enumerate(rows)}
         plans = {k: self._plan_tokens(step, k, [local[r] for r in step.sample_rows[k]], x, row_slots) for k in members}
-        shared_positions = self.cache.adapter.needs_shared_positions
+        shared_positions = self.adapter.needs_shared_positions
         groups: dict[tuple[Any, ...], list[int]] = {}
         for k in members:
             positions, merge = plans[k]
@@ -347,14 +361,14 @@ class StackRunner:
                 selected = gather_tokens(gx, positions)
                 merged, merge_info, block_positions = selected, None, positions
                 if merge:
-                    merged, merge_info = knn_merge(selected, merge, self.cache.config.knn_neighbors)
+                    merged, merge_info = knn_merge(selected, merge, self.config.knn_neighbors)
                     block_positions = positions.gather(1, merge_info.kept)
                 out, gy_text = self._blocks(call, g_index, merged, g_text, block_positions, 0)
                 if merge_info is not None:
                     out = knn_unmerge(out, merged, selected, merge_info)
                 base = gx
                 if count < n_tokens:  # static tokens take the forecast
-                    base = self.cache.history.forecast(row_slots.index_select(0, sub),
+                    base = self.history.forecast(row_slots.index_select(0, sub),
                                                        self._take(step.times, g_index),
                                                        self._gains(step, group_rows, x), gx)
                 gy = scatter_tokens(base, positions, out)
@@ -370,7 +384,7 @@ class StackRunner:
                 computed[sample_of_row[r]] = count
         return y, (None if text_missing else y_text), computed
 
-    def _plan_tokens(self, step: "StepContext", k: int, local_rows: list[int], x: torch.Tensor,
+    def _plan_tokens(self, step: StepContext, k: int, local_rows: list[int], x: torch.Tensor,
                      row_slots: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """(moving-token positions or None for all, number of tokens to merge) for one sample."""
         sample = step.samples[k]
@@ -383,10 +397,10 @@ class StackRunner:
         if p.motion_threshold > 0.0 or p.motion_fraction < 1.0:
             sub = self._tensor(tuple(local_rows), x.device, torch.long)
             own_slots = row_slots.index_select(0, sub)
-            previous = gather_rows(self.cache.pool.get("history.in", tuple(x.shape[1:]), x.dtype, x.device), own_slots, None)
+            previous = gather_rows(self.pool.get("history.in", tuple(x.shape[1:]), x.dtype, x.device), own_slots, None)
             saliency, norm_sq = relative_token_change(x.index_select(0, sub), previous)
             saliency, norm_sq = saliency.sum(0), norm_sq.sum(0)
-            granularity = self.cache.config.token_granularity or max(1, n_tokens // 16)
+            granularity = self.config.token_granularity or max(1, n_tokens // 16)
             count = motion_token_count(saliency, norm_sq, p.motion_threshold, p.motion_fraction, granularity)
             if count < n_tokens:
                 # guard: a token left static for max_skip_steps computes is computed again
@@ -399,7 +413,7 @@ class StackRunner:
 
     def _static_runs(self, like: torch.Tensor) -> torch.Tensor:
         """Consecutive real computes each token of each row skipped, (capacity, N) int32."""
-        return self.cache.pool.get("tokens.static_runs", (like.shape[1],), torch.int32, like.device)
+        return self.pool.get("tokens.static_runs", (like.shape[1],), torch.int32, like.device)
 
     def _update_static_runs(self, slots: torch.Tensor, positions: torch.Tensor, like: torch.Tensor) -> None:
         runs = self._static_runs(like)
@@ -412,10 +426,10 @@ class StackRunner:
                 text: torch.Tensor | None, positions: torch.Tensor | None, start: int,
                 stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run blocks ``start..stop`` really on the rows ``index`` of the batch (``None``: all rows)."""
-        step = self.cache._step
+        step = self._step
         assert step is not None
-        adapter = self.cache.adapter
-        callables = block_callables(self.cache)[start:stop]
+        adapter = self.adapter
+        callables = self.block_callables()[start:stop]
         step.running = True
         try:
             for block in callables:
@@ -426,7 +440,7 @@ class StackRunner:
 
     # ------------------------------------------------------------------ counters
 
-    def _count_full_cost(self, step: "StepContext", image: torch.Tensor, text: torch.Tensor | None) -> None:
+    def _count_full_cost(self, step: StepContext, image: torch.Tensor, text: torch.Tensor | None) -> None:
         full = self._stack_macs(image.shape[1])
         for sample, rows in zip(step.samples, step.sample_rows):
             sample.stats.macs_full += full * len(rows)
@@ -440,7 +454,7 @@ class StackRunner:
 
         def measure(n: int) -> None:
             first = self._tensor((0,), image.device, torch.long)
-            positions = torch.arange(n, device=image.device)[None] if self.cache.adapter.needs_shared_positions else None
+            positions = torch.arange(n, device=image.device)[None] if self.adapter.needs_shared_positions else None
             self._blocks(call, first, image[:1, :n], None if text is None else text[:1], positions, 0, stop)
 
         return self.costs.macs(key, tokens, measure, full_tokens)
@@ -470,17 +484,17 @@ class StackRunner:
             return tensor
         return tensor.index_select(0, index)
 
-    def _gains(self, step: "StepContext", rows: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    def _gains(self, step: StepContext, rows: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """Per-row first-order forecast gains (the calibrated gain of the row's phase for FastCache
         samples, 1 for TaylorSeer), as a cached tensor."""
-        profile = self.cache.profile
+        profile = self.profile
         sample_of = {r: k for k, rs in enumerate(step.sample_rows) for r in rs}
         gains = tuple(profile.gain(step.phases[sample_of[r]]) if step.samples[sample_of[r]].params.method == "fastcache"
                       else 1.0 for r in rows)
         return self._tensor(gains, like.device, like.dtype)
 
     def _projection(self, like: torch.Tensor) -> torch.Tensor | None:
-        weight = self.cache.adapter.output_projection(self.cache.transformer)
+        weight = self.adapter.output_projection(self.transformer)
         if weight is None or weight.shape[-1] != like.shape[-1]:
             return None
         return weight.detach()
@@ -489,12 +503,11 @@ class StackRunner:
         projection = self._projection(like)
         return like.shape[-1] if projection is None else projection.shape[0]
 
-    def _samples_of(self, step: "StepContext", rows: list[int]) -> list[tuple[SampleState, int]]:
+    def _samples_of(self, step: StepContext, rows: list[int]) -> list[tuple[SampleState, int]]:
         wanted = set(rows)
         return [(sample, len(rs)) for sample, rs in zip(step.samples, step.sample_rows) if rs[0] in wanted]
 
-    @staticmethod
-    def _assemble(parts: list[_Part], image: torch.Tensor,
+    def _assemble(self, parts: list[_Part], image: torch.Tensor,
                   text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's stack output from the parts computed for its rows."""
         batch = image.shape[0]
@@ -505,7 +518,7 @@ class StackRunner:
         text_known = text is not None and all(p.text_known and p.text is not None for p in parts)
         out_text = torch.empty_like(text) if text_known and text is not None else None
         for part in parts:
-            index = torch.tensor(part.rows, device=image.device)
+            index = self._tensor(tuple(part.rows), image.device, torch.long)
             out_image.index_copy_(0, index, part.image)
             if out_text is not None and part.text is not None:
                 out_text.index_copy_(0, index, part.text.to(out_text.dtype))

@@ -7,7 +7,7 @@ import torch
 from diffusers import DiTPipeline
 
 from fastcache_core import FastCacheConfig, apply_fastcache
-from fastcache_core.approx import CALIBRATION_FILENAME
+from fastcache_core.profile import CALIBRATION_FILENAME
 from models.digits_dit.data import DigitClassifier, load_digits_split
 from service.settings import DEFAULT_MODEL
 
@@ -48,7 +48,7 @@ def test_calibration_ships_beside_the_model_and_loads(pipe):
     cache = apply_fastcache(pipe.transformer, FastCacheConfig())
     try:
         assert cache.calibrated
-        assert cache.approximators.metadata.get("default_params", {}).get("tolerance") is not None
+        assert cache.profile.metadata.get("default_params", {}).get("tolerance") is not None
     finally:
         cache.remove()
 

@@ -97,7 +97,7 @@ def test_an_idle_engine_releases_its_cached_activations(pipe):
         rec = Recorder()
         solo(engine, rec, rec.job("burst", seed=70, n=4, steps=6))
         wait_until(lambda: engine.memory_released_bytes > 0, 30, lambda: "no memory released when idle")
-        assert engine.cache._pool.nbytes == 0 and engine.cache._pool.capacity == 0
+        assert engine.cache.pool.nbytes == 0 and engine.cache.pool.capacity == 0
         again = solo(engine, rec, rec.job("after", seed=70, n=4, steps=6))  # the pool grows back on demand
         assert np.abs(image(again, 3) - image(rec.results["burst"], 3)).max() == 0
     finally:
