@@ -77,7 +77,8 @@ def settled_horizon(tolerance: float, drift_scale: float | None, max_skip_steps:
     measured worse than the shorter whole gap alone on the bundled model."""
     if tolerance <= 0.0:
         return 1
-    horizon = math.floor(math.sqrt(tolerance / drift_scale) * (1 + 1e-6)) if drift_scale else 2
+    # a small allowance so that tolerances written as drift_scale * h^2, rounded, still reach h
+    horizon = math.floor(math.sqrt(tolerance / drift_scale) + 1e-3) if drift_scale else 2
     return max(1, min(max_skip_steps + 1, horizon))
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROW_KEYS = {"method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid", "peak_mem_bytes"}
+ROW_KEYS = {"method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid", "peak_mem_bytes",
+            "overhead_fraction", "fastcache_margin_db"}
 # cache-dit is an optional bench extra: its rows exist only where it is installed
 OPTIONAL_METHODS = {"cachedit": importlib.util.find_spec("cache_dit") is not None}
 METHODS = {"none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache"} | {
@@ -36,6 +37,11 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
             assert finite(row[key]) and row[key] >= 0, (key, row)
         # the tiny model has no digit classifier beside it: no judge, so these are null
         assert row["class_accuracy"] is None and row["fid"] is None
+        assert row["overhead_fraction"] is None or finite(row["overhead_fraction"]), row
+        if row["method"] in ("none", "fastcache"):
+            assert row["fastcache_margin_db"] is None
+        elif row["fastcache_margin_db"] is not None:
+            assert finite(row["fastcache_margin_db"])
     assert {r["method"] for r in rows} == METHODS, "every method, peers included, has a row"
     assert [r["method"] for r in rows].count("none") == 1
     fastcache = [r for r in rows if r["method"] == "fastcache"]
@@ -44,7 +50,8 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     assert len(tolerances) >= 5
     ablations = {r["params"].get("ablation") for r in fastcache if r["params"].get("setting") == "ablation"}
     assert {"block_cache_only", "token_selection_only", "block_cache+token_selection+merge",
-            "uncalibrated_identity_W"} <= ablations
+            "uncalibrated"} <= ablations
+    assert any(r["params"].get("implementation") == "fastcache per-sample" for r in rows if r["method"] == "taylorseer")
     assert len([r for r in rows if r["method"] == "teacache"]) >= 3
     for peer in METHODS - {"none", "fastcache", "teacache"}:
         assert len([r for r in rows if r["method"] == peer]) >= 2, peer
@@ -150,3 +157,13 @@ def test_bench_serve_rejects_bad_mix_flags(argv):
 
     with pytest.raises(SystemExit):
         serve.parse_args(argv)
+
+
+def test_fastcache_margin_interpolates_along_the_tolerance_sweep():
+    from bench.cache import fastcache_margins
+
+    sweep = [{"method": "fastcache", "params": {"setting": s}, "mac_fraction": m, "psnr_db": p}
+             for s, m, p in (("default", 0.2, 40.0), ("tolerance_sweep", 0.4, 50.0))]
+    peers = [{"method": "seacache", "params": {}, "mac_fraction": 0.3, "psnr_db": 44.0},
+             {"method": "taylorseer", "params": {}, "mac_fraction": 0.6, "psnr_db": 55.0}]
+    assert fastcache_margins(sweep + peers) == [None, None, 1.0, None]  # 45 - 44; 0.6 is outside the sweep
