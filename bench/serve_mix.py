@@ -33,7 +33,9 @@ from typing import Any
 import httpx
 
 from bench.common import clean_number, command_line, fmt, machine_description, markdown_table, percentile, write_json
-from bench.serve import MIXED_CACHE, MIXES, Cluster, _send, open_loop, request_body
+from bench.load import MIXED_CACHE, Cluster, _send, open_loop, request_body
+
+MIXES = ("resolutions", "steps", "cache")
 
 COMMON_WEIGHT, RARE_WEIGHT = 0.8, 0.2  # the 80/20 mixes: the common kind, then the rarer one
 
