@@ -183,7 +183,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="bench-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     if args.mix:
-
         try:
             result = main_mix(args, argv, log_dir, _progress)
         except BaseException:
