@@ -17,13 +17,13 @@ class CacheSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: CacheMethod | None = Field(None, description="fastcache (default), none, teacache or fbcache")
-    tolerance: float | None = Field(None, ge=0.0, le=1.0, description="tau: relative change treated as noise; 0 computes everything")
+    method: CacheMethod | None = Field(None, description="fastcache (default), none, or a per-sample peer: taylorseer, teacache, fbcache")
+    tolerance: float | None = Field(None, ge=0.0, le=1.0, description="tau: accepted forecast drift; larger refreshes less often; 0 computes every step")
     significance: float | None = Field(None, gt=0.0, le=0.5, description="alpha of the chi-square test")
     motion_threshold: float | None = Field(None, ge=0.0, le=1.0, description="relative token change below which a token is static; 0 = off")
     motion_fraction: float | None = Field(None, gt=0.0, le=1.0, description="compute exactly this share of tokens instead of thresholding")
     merge_ratio: float | None = Field(None, ge=0.0, le=0.9, description="share of computed tokens merged by k-NN density; 0 = off")
-    max_skip_steps: int | None = Field(None, ge=1, le=100, description="consecutive reuses before a forced compute")
+    max_skip_steps: int | None = Field(None, ge=1, le=100, description="most forecast steps in a row (taylorseer: exactly this many)")
 
 
 class GenerationFields(BaseModel):
