@@ -80,7 +80,7 @@ CACHEDIT_SETTINGS = ({"threshold": 0.2, "max_warmup_steps": 4, "max_continuous_c
                      {"threshold": 0.3, "max_warmup_steps": 4, "max_continuous_cached_steps": 3},
                      {"threshold": 1.0, "max_warmup_steps": 4, "max_continuous_cached_steps": 6})
 ABLATION_MERGE_RATIO = 0.25
-ABLATION_MOTION_FRACTION = 0.5
+ABLATION_MOTION_FRACTIONS = (0.75, 0.5)
 
 log = logging.getLogger("bench.cache")
 
@@ -143,10 +143,16 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
 
     variants = [Variant("none", "uncached", {"setting": "reference"}, None, key=("none",))]
     tau = float(defaults["tolerance"])
-    token_params = ({"motion_threshold": defaults["motion_threshold"], "motion_fraction": defaults["motion_fraction"]}
-                    if defaults["motion_threshold"] > 0 or defaults["motion_fraction"] < 1
-                    else {"motion_threshold": 0.0, "motion_fraction": ABLATION_MOTION_FRACTION})
+    calibrated_tokens = defaults["motion_threshold"] > 0 or defaults["motion_fraction"] < 1
+    token_settings = ([{"motion_threshold": defaults["motion_threshold"], "motion_fraction": defaults["motion_fraction"]}]
+                      if calibrated_tokens else [{"motion_threshold": 0.0, "motion_fraction": f}
+                                                  for f in ABLATION_MOTION_FRACTIONS])
     merge = defaults["merge_ratio"] if defaults["merge_ratio"] > 0 else ABLATION_MERGE_RATIO
+
+    def token_label(tokens: dict[str, float]) -> str:
+        if tokens["motion_fraction"] < 1:
+            return f"motion fraction {tokens['motion_fraction']:g}"
+        return f"motion threshold {tokens['motion_threshold']:g}"
 
     # FastCache: the calibrated default, a tolerance sweep around it, and the ablations
     variants.append(fastcache(f"default (tau={tau:g})", {}, {"setting": "default"}, explicit=False))
@@ -158,14 +164,23 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
         f"block cache only (tau={tau:g})",
         {"method": "fastcache", "motion_threshold": 0.0, "motion_fraction": 1.0, "merge_ratio": 0.0},
         {"setting": "ablation", "ablation": "block_cache_only"}))
+    for tokens in token_settings:
+        variants.append(fastcache(
+            f"token selection only, {token_label(tokens)} (tau=0)",
+            {"method": "fastcache", "tolerance": 0.0, "merge_ratio": 0.0, **tokens},
+            {"setting": "ablation", "ablation": "token_selection_only"}))
+        variants.append(fastcache(
+            f"block cache + {token_label(tokens)}",
+            {"method": "fastcache", "merge_ratio": 0.0, **tokens},
+            {"setting": "ablation", "ablation": "block_cache+token_selection"}))
     variants.append(fastcache(
-        "token selection only (tau=0)",
-        {"method": "fastcache", "tolerance": 0.0, "merge_ratio": 0.0, **token_params},
-        {"setting": "ablation", "ablation": "token_selection_only"}))
-    variants.append(fastcache(
-        f"block cache + tokens + merge {merge:g}",
-        {"method": "fastcache", "merge_ratio": merge, **token_params},
+        f"block cache + {token_label(token_settings[0])} + merge {merge:g}",
+        {"method": "fastcache", "merge_ratio": merge, **token_settings[0]},
         {"setting": "ablation", "ablation": "block_cache+token_selection+merge"}))
+    variants.append(fastcache(
+        f"block cache + merge {merge:g}",
+        {"method": "fastcache", "merge_ratio": merge, "motion_threshold": 0.0, "motion_fraction": 1.0},
+        {"setting": "ablation", "ablation": "block_cache+merge"}))
     variants.append(fastcache(
         f"uncalibrated (tau={tau:g})", {"method": "fastcache"},
         {"setting": "ablation", "ablation": "uncalibrated"}, use_calibration=False))
@@ -521,7 +536,8 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
 
 
 def load_judge(args: argparse.Namespace, sample_images: torch.Tensor):
-    """A DigitsJudge, or None (with the reason logged) when there is no classifier or the images don't fit."""
+    """The bundled model's judge (class accuracy, FID), or None (with the reason logged): the digits
+    judge for 32x32 digits, the canvas judge for 64x64 canvases, by the classifier shipped with the model."""
     from models.digits_dit.data import IMAGE_SIZE, DigitClassifier
     from models.digits_dit.judge import DigitsJudge
 
@@ -529,11 +545,17 @@ def load_judge(args: argparse.Namespace, sample_images: torch.Tensor):
     if not (directory / "config.json").is_file():
         log.warning("no digit classifier at %s: class_accuracy and fid are null", directory)
         return None
-    if sample_images.shape[1] != 1 or sample_images.shape[-1] != IMAGE_SIZE:
-        log.warning("images of shape %s are not %dx%d greyscale digits: class_accuracy and fid are null",
-                    tuple(sample_images.shape[1:]), IMAGE_SIZE, IMAGE_SIZE)
-        return None
-    return DigitsJudge(DigitClassifier.load(directory))
+    size = sample_images.shape[-1]
+    if sample_images.shape[1] == 1 and size == IMAGE_SIZE:
+        return DigitsJudge(DigitClassifier.load(directory))
+    from models.canvas_dit.data import CANVAS_SIZE, CanvasClassifier
+    from models.canvas_dit.judge import CanvasJudge
+
+    if sample_images.shape[1] == 1 and size == CANVAS_SIZE:
+        return CanvasJudge(CanvasClassifier.load(directory))
+    log.warning("images of shape %s are neither %dx%d digits nor %dx%d canvases: class_accuracy and fid are null",
+                tuple(sample_images.shape[1:]), IMAGE_SIZE, IMAGE_SIZE, CANVAS_SIZE, CANVAS_SIZE)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

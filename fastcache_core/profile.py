@@ -27,7 +27,7 @@ import torch
 
 CALIBRATION_FILENAME = "fastcache_calibration.safetensors"
 PROFILE_TENSORS = ("forecast_gain", "error_floor", "tolerance_weight")
-DEFAULT_GUARD_SLACK = 1.0
+DEFAULT_GUARD_SLACK: float | None = None  # measured no gain on the bundled model (docs/method.md)
 
 
 def phase_of(normalized_time: float, num_phases: int) -> int:

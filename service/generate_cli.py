@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="server-side deadline in seconds; past it the job fails with 504")
     cache = parser.add_argument_group("cache (omitted: the model's calibrated defaults)")
     cache.add_argument("--method", choices=("fastcache", "none", "taylorseer", "teacache", "fbcache"), help="cache method")
-    cache.add_argument("--tolerance", type=float, help="tau in [0, 1]: relative change treated as noise; 0 computes everything")
+    cache.add_argument("--tolerance", type=float, help="tau in [0, 1]: accepted forecast drift, larger refreshes less often; 0 computes every step")
     cache.add_argument("--significance", type=float, help="alpha in (0, 0.5] of the chi-square test")
     cache.add_argument("--motion-threshold", type=float, help="token selection threshold; 0 = off")
     cache.add_argument("--motion-fraction", type=float, help="compute this share of tokens instead of thresholding")

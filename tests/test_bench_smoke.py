@@ -49,8 +49,8 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     tolerances = {r["params"]["tolerance"] for r in fastcache if r["params"].get("setting") in ("default", "tolerance_sweep")}
     assert len(tolerances) >= 5
     ablations = {r["params"].get("ablation") for r in fastcache if r["params"].get("setting") == "ablation"}
-    assert {"block_cache_only", "token_selection_only", "block_cache+token_selection+merge",
-            "uncalibrated"} <= ablations
+    assert {"block_cache_only", "token_selection_only", "block_cache+token_selection",
+            "block_cache+token_selection+merge", "block_cache+merge", "uncalibrated"} <= ablations
     assert any(r["params"].get("implementation") == "fastcache per-sample" for r in rows if r["method"] == "taylorseer")
     assert len([r for r in rows if r["method"] == "teacache"]) >= 3
     for peer in METHODS - {"none", "fastcache", "teacache"}:
