@@ -1,4 +1,5 @@
-"""FastCache for diffusers Diffusion Transformers: per-sample, fitted, batch-invariant block caching.
+"""FastCache for diffusers Diffusion Transformers: per-sample forecasts from real computes, refreshed by a
+calibrated rule, batch-invariant.
 
     from fastcache_core import FastCacheConfig, CacheParams, apply_fastcache
     cache = apply_fastcache(pipe.transformer, FastCacheConfig())
@@ -7,16 +8,19 @@
     cache.remove()
 """
 
-from fastcache_core.config import DEFAULT_PARAMS, METHODS, CacheParams, FastCacheConfig
 from fastcache_core.cache import FastCache, apply_fastcache
+from fastcache_core.config import DEFAULT_PARAMS, METHODS, CacheParams, FastCacheConfig, ResolvedCacheParams
+from fastcache_core.profile import CacheProfile
 from fastcache_core.stats import SampleStats
 
 __all__ = [
     "DEFAULT_PARAMS",
     "METHODS",
     "CacheParams",
+    "CacheProfile",
     "FastCache",
     "FastCacheConfig",
+    "ResolvedCacheParams",
     "SampleStats",
     "apply_fastcache",
 ]

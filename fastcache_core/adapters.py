@@ -8,8 +8,9 @@ Supported: ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``SD3Transfo
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,12 +19,20 @@ Streams = tuple[torch.Tensor, torch.Tensor | None]
 """A block's transformed state: (image tokens (B, N, D), text tokens (B, M, D) or None)."""
 
 
+def submodule(parent: nn.Module, name: str) -> nn.Module:
+    """``parent.<name>`` as a module (``nn.Module.__getattr__`` is typed as tensor-or-module)."""
+    child = getattr(parent, name)
+    if not isinstance(child, nn.Module):
+        raise TypeError(f"{type(parent).__name__}.{name} is not a module")
+    return child
+
+
 @lru_cache(maxsize=64)
-def _signature_of(function: Callable) -> inspect.Signature:
+def _signature_of(function: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(function)
 
 
-def _signature(forward: Callable) -> inspect.Signature:
+def _signature(forward: Callable[..., Any]) -> inspect.Signature:
     # bound methods of different blocks share one function: cache by it
     function = getattr(forward, "__func__", None)
     if function is None:
@@ -53,7 +62,7 @@ class TransformerAdapter:
     output_projection_name = "proj_out"
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
-        return list(transformer.transformer_blocks)
+        return list(submodule(transformer, "transformer_blocks").children())
 
     def normalized_time(self, timestep: torch.Tensor) -> torch.Tensor:
         """Noise level of each row in [0, 1] (1 = pure noise) from the transformer's ``timestep``, as a
@@ -66,7 +75,7 @@ class TransformerAdapter:
         layer = getattr(transformer, self.output_projection_name, None)
         return layer.weight if isinstance(layer, nn.Linear) else None
 
-    def bind_call(self, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def bind_call(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Turn a block call's arguments into one keyword dictionary."""
         if not args:
             return dict(kwargs)
@@ -84,7 +93,7 @@ class TransformerAdapter:
 
     def call_block(
         self,
-        forward: Callable,
+        forward: Callable[..., Any],
         call: dict[str, Any],
         rows: torch.Tensor | None,
         image: torch.Tensor,
@@ -130,7 +139,10 @@ class DiTAdapter(TransformerAdapter):
     output_projection_name = "proj_out_2"
 
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
-        return block.norm1(image, call["timestep"], call["class_labels"], hidden_dtype=image.dtype)[0]
+        modulated: torch.Tensor = submodule(block, "norm1")(
+            image, call["timestep"], call["class_labels"], hidden_dtype=image.dtype
+        )[0]
+        return modulated
 
 
 class PixArtAdapter(TransformerAdapter):
@@ -138,9 +150,11 @@ class PixArtAdapter(TransformerAdapter):
     batched_kwargs = ("timestep", "encoder_hidden_states", "encoder_attention_mask", "attention_mask")
 
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
-        timestep = call["timestep"]
-        shift, scale = (block.scale_shift_table[None] + timestep.reshape(image.shape[0], 6, -1)).chunk(6, dim=1)[:2]
-        return block.norm1(image) * (1 + scale) + shift
+        timestep: torch.Tensor = call["timestep"]
+        table = block.get_parameter("scale_shift_table")
+        shift, scale = (table[None] + timestep.reshape(image.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+        normed: torch.Tensor = submodule(block, "norm1")(image)
+        return normed * (1 + scale) + shift
 
 
 class _JointAdapter(TransformerAdapter):
@@ -157,7 +171,8 @@ class _JointAdapter(TransformerAdapter):
         return text, image
 
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
-        return block.norm1(image, emb=call["temb"])[0]
+        modulated: torch.Tensor = submodule(block, "norm1")(image, emb=call["temb"])[0]
+        return modulated
 
 
 class SD3Adapter(_JointAdapter):
@@ -172,7 +187,10 @@ class FluxAdapter(_JointAdapter):
     timestep_scale = 1.0  # Flux pipelines pass sigma in [0, 1]; the model multiplies by 1000 itself
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
-        return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        return [
+            *submodule(transformer, "transformer_blocks").children(),
+            *submodule(transformer, "single_transformer_blocks").children(),
+        ]
 
     def select_rows(self, call: dict[str, Any], rows: torch.Tensor | None) -> dict[str, Any]:
         """A copy of a block call's arguments with the batched ones restricted to ``rows``."""
@@ -208,6 +226,4 @@ def adapter_for(transformer: nn.Module) -> TransformerAdapter:
     for cls in type(transformer).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]()
-    raise TypeError(
-        f"FastCache supports {', '.join(ADAPTERS)}; got {type(transformer).__name__}"
-    )
+    raise TypeError(f"FastCache supports {', '.join(ADAPTERS)}; got {type(transformer).__name__}")

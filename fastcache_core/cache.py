@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Hashable, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +34,8 @@ from fastcache_core.forecast import StackHistory
 from fastcache_core.profile import CacheProfile, default_calibration_path, phase_of
 from fastcache_core.stack import StackRunner
 from fastcache_core.state import RowPool, RowState, SampleState
-from fastcache_core.step import StepContext
 from fastcache_core.stats import SampleStats
+from fastcache_core.step import StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,17 @@ class FastCache:
         if getattr(transformer, "_fastcache", None) is not None:
             raise RuntimeError("FastCache is already applied to this transformer; call .remove() first")
         hooks.attach(self)
-        self._runner = StackRunner(transformer, self.adapter, self.blocks, self.config, self.profile, self.pool,
-                                   self.history, lambda: hooks.block_callables(self.blocks))
-        transformer._fastcache = self
+        self._runner = StackRunner(
+            transformer,
+            self.adapter,
+            self.blocks,
+            self.config,
+            self.profile,
+            self.pool,
+            self.history,
+            lambda: hooks.block_callables(self.blocks),
+        )
+        transformer.__dict__["_fastcache"] = self  # marks the module (nn.Module's setattr is typed for tensors/modules)
 
     # ------------------------------------------------------------------ public API
 
@@ -106,10 +115,14 @@ class FastCache:
             raise ValueError(f"sample {sample_id!r} is already registered")
         resolved = (params or CacheParams()).resolved(self.default_params)
         if not self.config.enabled:
-            resolved = CacheParams(**{**resolved.to_dict(), "method": "none"})
+            resolved = replace(resolved, method="none")
         state = SampleState(sample_id, resolved, num_steps)
-        state.stats = SampleStats(sample_id=sample_id, method=resolved.method, params=resolved.to_dict(),
-                                  approximator=self._forecaster_label(resolved))
+        state.stats = SampleStats(
+            sample_id=sample_id,
+            method=resolved.method,
+            params=resolved.to_dict(),
+            approximator=self._forecaster_label(resolved),
+        )
         self._samples[sample_id] = state
 
     def remove_sample(self, sample_id: Hashable) -> SampleStats:
@@ -197,7 +210,7 @@ class FastCache:
         phases: list[int] = []
         index_of: dict[int, int] = {}
         num_phases = self.profile.num_phases
-        for row_index, (key, t) in enumerate(zip(keys, host_times)):
+        for row_index, (key, t) in enumerate(zip(keys, host_times, strict=True)):
             row = self._row(key)
             rows.append(row)
             sid = id(row.sample)
@@ -250,8 +263,8 @@ class FastCache:
             self._plain_ids = [("run", self._plain_counter, i) for i in range(per_sample)]
             params = self._plain_params
             for i, sample_id in enumerate(self._plain_ids):
-                p = params[i] if isinstance(params, (list, tuple)) else params
-                self.add_sample(sample_id, p, self._plain_steps)
+                one = params if params is None or isinstance(params, CacheParams) else params[i]
+                self.add_sample(sample_id, one, self._plain_steps)
         if self._plain_paired:
             return [(i, 0) for i in self._plain_ids] + [(i, 1) for i in self._plain_ids]
         return [(i, 0) for i in self._plain_ids]

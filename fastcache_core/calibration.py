@@ -22,7 +22,6 @@ The profile is saved as ``fastcache_calibration.safetensors`` next to the transf
 from __future__ import annotations
 
 import itertools
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,7 +88,8 @@ class FitStatistics:
     def fitted_error(self) -> np.ndarray:
         """Sum of squared forecast errors per phase with the fitted gain (exact, from the sums)."""
         g = self.gains()
-        return self.target_sq - 2 * g * self.gain_cross + g * g * self.gain_gram
+        error: np.ndarray = self.target_sq - 2 * g * self.gain_cross + g * g * self.gain_gram
+        return error
 
 
 class _StreamingRecorder:
@@ -115,7 +115,7 @@ class _StreamingRecorder:
         self._pending_teacache: float | None = None
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "_StreamingRecorder":
+    def __enter__(self) -> _StreamingRecorder:
         self._handles = [
             self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True),
             self.blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True),
@@ -141,7 +141,7 @@ class _StreamingRecorder:
         self._time = float(self.adapter.normalized_time(t)[0])
         hidden = bound["hidden_states"]
         batch = hidden.shape[0]
-        self.pairs = 2 if batch % 2 == 0 and torch.equal(hidden[: batch // 2], hidden[batch // 2:]) else 1
+        self.pairs = 2 if batch % 2 == 0 and torch.equal(hidden[: batch // 2], hidden[batch // 2 :]) else 1
 
     def _on_first_block(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         call = self.adapter.bind_call(module.forward, args, kwargs)
@@ -151,8 +151,9 @@ class _StreamingRecorder:
         except (NotImplementedError, KeyError, AttributeError):
             return
         if self.modulated_previous is not None and self.modulated_previous.shape == modulated.shape:
-            change = float((modulated - self.modulated_previous).abs().sum()
-                           / self.modulated_previous.abs().sum().clamp_min(1e-12))
+            change = float(
+                (modulated - self.modulated_previous).abs().sum() / self.modulated_previous.abs().sum().clamp_min(1e-12)
+            )
             self._pending_teacache = change
         self.modulated_previous = modulated
 
@@ -163,7 +164,9 @@ class _StreamingRecorder:
             y = y @ self.projection.double().T
         pending = getattr(self, "_pending_teacache", None)
         if pending is not None and self.output_previous is not None and self.output_previous.shape == y.shape:
-            out_change = float((y - self.output_previous).abs().sum() / self.output_previous.abs().sum().clamp_min(1e-12))
+            out_change = float(
+                (y - self.output_previous).abs().sum() / self.output_previous.abs().sum().clamp_min(1e-12)
+            )
             self.stats.teacache_points.append((pending, out_change))
         self._pending_teacache = None
         self.output_previous = y
@@ -283,7 +286,7 @@ def calibrate(
     if guidance_scale is not None:
         call_args["guidance_scale"] = guidance_scale
     stats = FitStatistics(num_phases, max_gap)
-    chunks = [prompts[i:i + batch_size] for i in range(0, min(num_samples, len(prompts)), batch_size)]
+    chunks = [prompts[i : i + batch_size] for i in range(0, min(num_samples, len(prompts)), batch_size)]
     with _StreamingRecorder(pipe, stats, max_gap) as recorder:
         for b, chunk in enumerate(tqdm(chunks, desc="calibration runs", disable=not progress)):
             recorder.new_run()
@@ -317,25 +320,56 @@ def calibrate(
         x, y = np.array(stats.teacache_points).T
         report.teacache_coefficients = [float(c) for c in np.polyfit(x, y, 4)]
         metadata["teacache_coefficients"] = report.teacache_coefficients
-    profile = CacheProfile(num_phases, forecast_gain=None, error_floor=floor, tolerance_weight=weights,
-                           metadata=metadata)
+    profile = CacheProfile(
+        num_phases, forecast_gain=None, error_floor=floor, tolerance_weight=weights, metadata=metadata
+    )
     if tune_defaults and drift_scale is not None:
         tune_prompts = [prompts[i % len(prompts)] for i in range(tune_samples)]
         tolerances = sorted({round(drift_scale * h * h, 6) for h in horizons if drift_scale * h * h <= 1.0})
-        profile = _tune(pipe, profile, gains, tune_prompts, call_args, report, tolerances, guard_slacks,
-                        target_psnr, max_skip_steps, seed + 10_000, progress)
-    profile.metadata["report"] = {"error_floor": report.error_floor, "forecast_gain": report.forecast_gain,
-                                  "drift": report.drift, "rule": report.rule}
-    path = None if save_to is False else (Path(save_to) if save_to else _default_save_path(transformer))
+        profile = _tune(
+            pipe,
+            profile,
+            gains,
+            tune_prompts,
+            call_args,
+            report,
+            tolerances,
+            guard_slacks,
+            target_psnr,
+            max_skip_steps,
+            seed + 10_000,
+            progress,
+        )
+    profile.metadata["report"] = {
+        "error_floor": report.error_floor,
+        "forecast_gain": report.forecast_gain,
+        "drift": report.drift,
+        "rule": report.rule,
+    }
+    path = (
+        None
+        if save_to is False
+        else (Path(save_to) if isinstance(save_to, (str, Path)) else _default_save_path(transformer))
+    )
     if path is not None:
         profile.save(path)
     return profile, report
 
 
-def _tune(pipe: Any, base: CacheProfile, gains: torch.Tensor, prompts: list[Any], call_args: dict[str, Any],
-          report: CalibrationReport, tolerances: Sequence[float], guard_slacks: Sequence[float | None],
-          target_psnr: float,
-          max_skip_steps: int, seed: int, progress: bool) -> CacheProfile:
+def _tune(
+    pipe: Any,
+    base: CacheProfile,
+    gains: torch.Tensor,
+    prompts: list[Any],
+    call_args: dict[str, Any],
+    report: CalibrationReport,
+    tolerances: Sequence[float],
+    guard_slacks: Sequence[float | None],
+    target_psnr: float,
+    max_skip_steps: int,
+    seed: int,
+    progress: bool,
+) -> CacheProfile:
     """Sweep rule settings x tolerances end to end; keep the best setting and the default tolerance."""
     from fastcache_core.cache import apply_fastcache
     from fastcache_core.config import CacheParams, FastCacheConfig
@@ -357,29 +391,45 @@ def _tune(pipe: Any, base: CacheProfile, gains: torch.Tensor, prompts: list[Any]
             stats = cache.stats()
         finally:
             cache.remove()
-        sweeps.setdefault((slack, gain_mode), []).append({
-            "guard_slack": slack, "gain": gain_mode, "tolerance": tolerance,
-            "psnr_db": mean_finite(psnr(images, reference)),
-            "mac_fraction": float(np.mean([s.mac_fraction for s in stats])),
-        })
+        sweeps.setdefault((slack, gain_mode), []).append(
+            {
+                "guard_slack": slack,
+                "gain": gain_mode,
+                "tolerance": tolerance,
+                "psnr_db": mean_finite(psnr(images, reference)),
+                "mac_fraction": float(np.mean([s.mac_fraction for s in stats])),
+            }
+        )
     best = max(sweeps, key=lambda c: _mean_psnr_at_budgets(sweeps[c]))
     slack, gain_mode = best
     rows = sweeps[best]
     good = [r for r in rows if r["psnr_db"] >= target_psnr]
-    chosen = min(good, key=lambda r: (round(r["mac_fraction"], 3), -r["psnr_db"])) if good else \
-        max(rows, key=lambda r: r["psnr_db"])
+    chosen = (
+        min(good, key=lambda r: (round(r["mac_fraction"], 3), -r["psnr_db"]))
+        if good
+        else max(rows, key=lambda r: r["psnr_db"])
+    )
     report.rule = {"guard_slack": slack, "gain": gain_mode}
     report.default_params = {"method": "fastcache", "tolerance": chosen["tolerance"], "max_skip_steps": max_skip_steps}
     report.tolerance_sweep = [r for c in candidates for r in sweeps[c]]
     tuned = _variant(base, gain_modes[gain_mode], slack)
-    tuned.metadata.update(default_params=report.default_params, target_psnr=target_psnr, rule=report.rule,
-                          tolerance_sweep=report.tolerance_sweep)
+    tuned.metadata.update(
+        default_params=report.default_params,
+        target_psnr=target_psnr,
+        rule=report.rule,
+        tolerance_sweep=report.tolerance_sweep,
+    )
     return tuned
 
 
 def _variant(base: CacheProfile, gains: torch.Tensor | None, guard_slack: float | None) -> CacheProfile:
-    return CacheProfile(base.num_phases, forecast_gain=gains, error_floor=base.error_floor,
-                        tolerance_weight=base.tolerance_weight, metadata={**base.metadata, "guard_slack": guard_slack})
+    return CacheProfile(
+        base.num_phases,
+        forecast_gain=gains,
+        error_floor=base.error_floor,
+        tolerance_weight=base.tolerance_weight,
+        metadata={**base.metadata, "guard_slack": guard_slack},
+    )
 
 
 def _mean_psnr_at_budgets(rows: list[dict[str, Any]]) -> float:
@@ -404,39 +454,63 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import DiffusionPipeline
 
-    parser = argparse.ArgumentParser(prog="fastcache-calibrate",
-                                     description="Fit FastCache's profile for a local diffusers pipeline "
-                                                 "and save it in its transformer/ folder.")
+    parser = argparse.ArgumentParser(
+        prog="fastcache-calibrate",
+        description="Fit FastCache's profile for a local diffusers pipeline and save it in its transformer/ folder.",
+    )
     parser.add_argument("model", help="pipeline directory (diffusers layout)")
     parser.add_argument("--prompts", nargs="*", help="calibration prompts (labels for DiT); default: every label")
     parser.add_argument("--samples", type=int, default=16, help="images of the streamed fit (16)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--target-psnr", type=float, default=40.0,
-                        help="the default tolerance keeps at least this PSNR against uncached images (40)")
+    parser.add_argument(
+        "--target-psnr",
+        type=float,
+        default=40.0,
+        help="the default tolerance keeps at least this PSNR against uncached images (40)",
+    )
     parser.add_argument("--tune-samples", type=int, default=8, help="images of the sweep (8)")
     parser.add_argument("--no-tune", action="store_true", help="fit only; no end-to-end sweep")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default=None, help="file to write (default: <model>/transformer/"
-                                                    f"{CALIBRATION_FILENAME})")
+    parser.add_argument(
+        "--out", default=None, help=f"file to write (default: <model>/transformer/{CALIBRATION_FILENAME})"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.model).is_dir():
         parser.error(f"{args.model} is not a directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)  # type: ignore[no-untyped-call]  # diffusers: untyped
     pipe.set_progress_bar_config(disable=True)
-    profile, report = calibrate(pipe, args.prompts, num_samples=args.samples, batch_size=args.batch_size,
-                                num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                target_psnr=args.target_psnr, tune_samples=args.tune_samples,
-                                tune_defaults=not args.no_tune, save_to=args.out)
+    profile, report = calibrate(
+        pipe,
+        args.prompts,
+        num_samples=args.samples,
+        batch_size=args.batch_size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        target_psnr=args.target_psnr,
+        tune_samples=args.tune_samples,
+        tune_defaults=not args.no_tune,
+        save_to=args.out,
+    )
     target = args.out or Path(args.model) / "transformer" / CALIBRATION_FILENAME
-    print(json.dumps({"saved": str(target), "rule": report.rule, "default_params": report.default_params,
-                      "gain_errors": report.gain_errors, "error_floor": report.error_floor,
-                      "drift": report.drift}, indent=2))
+    print(
+        json.dumps(
+            {
+                "saved": str(target),
+                "rule": report.rule,
+                "default_params": report.default_params,
+                "gain_errors": report.gain_errors,
+                "error_floor": report.error_floor,
+                "drift": report.drift,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

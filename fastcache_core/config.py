@@ -68,7 +68,7 @@ class CacheParams:
         if self.max_skip_steps is not None and not (1 <= int(self.max_skip_steps) <= 100):
             raise ValueError(f"max_skip_steps must be in [1, 100]; got {self.max_skip_steps}")
 
-    def resolved(self, defaults: "CacheParams | None" = None) -> "CacheParams":
+    def resolved(self, defaults: CacheParams | None = None) -> ResolvedCacheParams:
         """Fill every ``None`` field from ``defaults`` then from ``DEFAULT_PARAMS``."""
         values = {}
         for f in fields(self):
@@ -78,13 +78,13 @@ class CacheParams:
             if value is None:
                 value = getattr(DEFAULT_PARAMS, f.name)
             values[f.name] = value
-        return CacheParams(**values)
+        return ResolvedCacheParams(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CacheParams":
+    def from_dict(cls, data: dict[str, Any]) -> CacheParams:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -99,7 +99,20 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
         raise ValueError(f"{name} must be in {bracket}{low}, {high}]; got {value}")
 
 
-DEFAULT_PARAMS = CacheParams(
+@dataclass(frozen=True)
+class ResolvedCacheParams(CacheParams):
+    """``CacheParams`` with every field set: what a registered sample runs with."""
+
+    method: str = "fastcache"
+    tolerance: float = 0.02
+    significance: float = 0.05
+    motion_threshold: float = 0.0
+    motion_fraction: float = 1.0
+    merge_ratio: float = 0.0
+    max_skip_steps: int = 4
+
+
+DEFAULT_PARAMS = ResolvedCacheParams(
     method="fastcache",
     tolerance=0.02,
     significance=0.05,
@@ -139,7 +152,7 @@ class FastCacheConfig:
     params: CacheParams = field(default_factory=CacheParams)
     first_steps: int = 1
     last_steps: int = 0
-    calibration: "str | Path | CacheProfile | None" = None
+    calibration: str | Path | CacheProfile | None = None
     use_calibration: bool = True
     token_granularity: int | None = None
     knn_neighbors: int = 5
@@ -150,6 +163,6 @@ class FastCacheConfig:
         if self.knn_neighbors < 1:
             raise ValueError("knn_neighbors must be >= 1")
 
-    def with_params(self, **changes: Any) -> "FastCacheConfig":
+    def with_params(self, **changes: Any) -> FastCacheConfig:
         """A copy whose default ``params`` has ``changes`` applied."""
         return replace(self, params=replace(self.params, **changes))

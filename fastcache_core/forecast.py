@@ -36,8 +36,9 @@ class StackHistory:
     def _scalars(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.pool.get(name, (), dtype or like.dtype, like.device)
 
-    def forecast(self, slots: torch.Tensor, times: torch.Tensor, gains: torch.Tensor,
-                 like: torch.Tensor) -> torch.Tensor:
+    def forecast(
+        self, slots: torch.Tensor, times: torch.Tensor, gains: torch.Tensor, like: torch.Tensor
+    ) -> torch.Tensor:
         """Forecast stack outputs of rows ``slots`` at normalized ``times`` (R,) with per-row ``gains`` (R,).
 
         ``like`` is any tensor with the per-row shape, dtype and device of the stack output.
@@ -72,8 +73,9 @@ class StackHistory:
         return inputs + (last_out - last_in)
 
 
-def projected_error(forecast: torch.Tensor, real: torch.Tensor,
-                    projection: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def projected_error(
+    forecast: torch.Tensor, real: torch.Tensor, projection: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, ``||P (forecast - real)||^2`` and ``||P real||^2`` (float32), with ``P`` the model's output
     projection (``None``: identity). Rows of one sample are summed by the caller."""
     difference = (forecast - real).float()

@@ -13,10 +13,11 @@ offloading, layerwise casting), and ``FastCache.remove()`` removes them with ``r
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from fastcache_core.step import StepContext
 
@@ -34,6 +35,7 @@ class CacheHandle(Protocol):
 
     def _run_stack(self, first_block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
 
+
 STEP_HOOK = "fastcache_step"
 STACK_HOOK = "fastcache_stack"
 BLOCK_HOOK = "fastcache_pass_through"
@@ -43,7 +45,7 @@ class FastCacheStepHook(ModelHook):
     """Opens and closes the step context around every transformer forward."""
 
     def __init__(self, cache: CacheHandle) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # diffusers' ModelHook is untyped
         self.cache = cache
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -59,27 +61,27 @@ class FastCacheStackHook(ModelHook):
     """Runs the block stack of a cached step in place of the first block."""
 
     def __init__(self, cache: CacheHandle) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # diffusers' ModelHook is untyped
         self.cache = cache
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         step = self.cache._step
         if step is None or step.bypass or step.running:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        return self.cache._run_stack(self.fn_ref.original_forward, args, kwargs)
+            return _original_forward(self)(*args, **kwargs)
+        return self.cache._run_stack(_original_forward(self), args, kwargs)
 
 
 class FastCachePassThroughHook(ModelHook):
     """Hands the stack's output on (the stack already ran) or calls the block through."""
 
     def __init__(self, cache: CacheHandle) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # diffusers' ModelHook is untyped
         self.cache = cache
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         step = self.cache._step
         if step is None or step.bypass or step.running or step.output is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return _original_forward(self)(*args, **kwargs)
         return step.output
 
 
@@ -111,4 +113,11 @@ def block_callables(blocks: list[torch.nn.Module]) -> list[Any]:
     """What the stack runner calls to really compute each block: the first block's forward below the
     stack hook (it would re-enter the runner), the other blocks themselves (through their hooks)."""
     head = HookRegistry.check_if_exists_or_initialize(blocks[0]).get_hook(STACK_HOOK)
-    return [head.fn_ref.original_forward, *blocks[1:]]
+    if head is None:
+        raise RuntimeError("FastCache's stack hook is not attached")
+    return [_original_forward(head), *blocks[1:]]
+
+
+def _original_forward(hook: ModelHook) -> Callable[..., Any]:
+    """The forward a hook with ``new_forward`` wraps (set by the registry when the hook registers)."""
+    return cast(Callable[..., Any], hook.fn_ref.original_forward)

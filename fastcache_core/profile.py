@@ -83,23 +83,28 @@ class CacheProfile:
         """Write the profile to a safetensors file."""
         from safetensors.torch import save_file
 
-        tensors = {name: getattr(self, name).float().contiguous().cpu()
-                   for name in PROFILE_TENSORS if getattr(self, name) is not None}
+        tensors = {
+            name: getattr(self, name).float().contiguous().cpu()
+            for name in PROFILE_TENSORS
+            if getattr(self, name) is not None
+        }
         meta = {"num_phases": str(self.num_phases), "metadata": json.dumps(self.metadata)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CacheProfile":
+    def load(cls, path: str | Path) -> CacheProfile:
         """Read a profile written by :meth:`save`."""
         from safetensors import safe_open
 
         values: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safetensors handles have no __iter__)
                 if key not in PROFILE_TENSORS:
-                    raise ValueError(f"{path} is not a FastCache profile (unknown tensor {key!r}); recalibrate the model")
+                    raise ValueError(
+                        f"{path} is not a FastCache profile (unknown tensor {key!r}); recalibrate the model"
+                    )
                 values[key] = f.get_tensor(key)
         return cls(int(meta.get("num_phases", "1")), metadata=json.loads(meta.get("metadata", "{}")), **values)
 

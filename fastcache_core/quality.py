@@ -36,7 +36,10 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0)
     channels = x.shape[1]
     size = min(11, x.shape[-1], x.shape[-2])
     window = _gaussian_window(size).to(x.device).expand(channels, 1, size, size)
-    filt = lambda t: F.conv2d(t, window, groups=channels)
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=channels)
+
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_x, mu_y = filt(x), filt(y)
     var_x = filt(x * x) - mu_x**2

@@ -19,12 +19,14 @@ gather or scatter. Index tensors are cached by batch composition, so steady batc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from fastcache_core.adapters import TransformerAdapter
+from fastcache_core.config import FastCacheConfig
 from fastcache_core.decisions import (
     fastcache_gap,
     fbcache_reuses_tail,
@@ -32,13 +34,11 @@ from fastcache_core.decisions import (
     taylorseer_computes,
     teacache_reuses_stack,
 )
-from fastcache_core.adapters import TransformerAdapter
-from fastcache_core.config import FastCacheConfig
 from fastcache_core.forecast import StackHistory, projected_error
 from fastcache_core.profile import CacheProfile
 from fastcache_core.state import RowPool, SampleState, gather_rows, write_rows
-from fastcache_core.step import StepContext
 from fastcache_core.stats import BlockCostModel
+from fastcache_core.step import StepContext
 from fastcache_core.tokens import (
     gather_tokens,
     knn_merge,
@@ -69,9 +69,17 @@ class StackRunner:
     ``block_callables`` returns what really computes each block (hooks.block_callables).
     """
 
-    def __init__(self, transformer: torch.nn.Module, adapter: TransformerAdapter, blocks: list[torch.nn.Module],
-                 config: FastCacheConfig, profile: CacheProfile, pool: RowPool, history: StackHistory,
-                 block_callables: Callable[[], list[Any]]) -> None:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        adapter: TransformerAdapter,
+        blocks: list[torch.nn.Module],
+        config: FastCacheConfig,
+        profile: CacheProfile,
+        pool: RowPool,
+        history: StackHistory,
+        block_callables: Callable[[], list[Any]],
+    ) -> None:
         self.transformer = transformer
         self.adapter = adapter
         self.blocks = blocks
@@ -97,8 +105,10 @@ class StackRunner:
         modes = [self._planned_mode(sample) for sample in step.samples]
         if TEACACHE in modes:
             self._decide_teacache(step, call, image, slots, modes)
-        rows_of = {mode: [r for k, rows in enumerate(step.sample_rows) if modes[k] == mode for r in rows]
-                   for mode in (COMPUTE, FORECAST, REUSE, FIRST_BLOCK)}
+        rows_of = {
+            mode: [r for k, rows in enumerate(step.sample_rows) if modes[k] == mode for r in rows]
+            for mode in (COMPUTE, FORECAST, REUSE, FIRST_BLOCK)
+        }
         parts: list[_Part] = []
         if rows_of[FORECAST]:
             parts.append(self._forecast(step, rows_of[FORECAST], image, text, slots))
@@ -136,25 +146,36 @@ class StackRunner:
 
     # ------------------------------------------------------------------ modes
 
-    def _forecast(self, step: StepContext, rows: list[int], image: torch.Tensor, text: torch.Tensor | None,
-                  slots: torch.Tensor) -> _Part:
+    def _forecast(
+        self, step: StepContext, rows: list[int], image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor
+    ) -> _Part:
         index = self._rows_index(rows, image)
-        y = self.history.forecast(self._take(slots, index), self._take(step.times, index),
-                                        self._gains(step, rows, image), image)
+        y = self.history.forecast(
+            self._take(slots, index), self._take(step.times, index), self._gains(step, rows, image), image
+        )
         per_row = image.shape[1] * image.shape[2]
         for sample, count in self._samples_of(step, rows):
             sample.stats.blocks_approximated += len(self.blocks)
             sample.stats.macs_computed += per_row * count
         return _Part(rows, y, self._take(text, index))
 
-    def _residual_reuse(self, rows: list[int], image: torch.Tensor, text: torch.Tensor | None,
-                        slots: torch.Tensor) -> _Part:
+    def _residual_reuse(
+        self, rows: list[int], image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor
+    ) -> _Part:
         index = self._rows_index(rows, image)
         y = self.history.residual_reuse(self._take(slots, index), self._take(image, index))
         return _Part(rows, y, self._take(text, index))
 
-    def _compute(self, step: StepContext, call: dict[str, Any], members: list[int], rows: list[int],
-                 image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor) -> _Part:
+    def _compute(
+        self,
+        step: StepContext,
+        call: dict[str, Any],
+        members: list[int],
+        rows: list[int],
+        image: torch.Tensor,
+        text: torch.Tensor | None,
+        slots: torch.Tensor,
+    ) -> _Part:
         index = self._rows_index(rows, image)
         row_slots = self._take(slots, index)
         x, x_text = self._take(image, index), self._take(text, index)
@@ -176,8 +197,16 @@ class StackRunner:
             sample.stats.macs_computed += self._stack_macs(computed_tokens[k]) * n_rows
         return _Part(rows, y, y_text, text_known=y_text is not None or text is None)
 
-    def _first_block(self, step: StepContext, call: dict[str, Any], members: list[int], rows: list[int],
-                     image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor) -> _Part:
+    def _first_block(
+        self,
+        step: StepContext,
+        call: dict[str, Any],
+        members: list[int],
+        rows: list[int],
+        image: torch.Tensor,
+        text: torch.Tensor | None,
+        slots: torch.Tensor,
+    ) -> _Part:
         """First-Block-Cache per sample: block 0 runs, the tail is reused while its residual holds still."""
         index = self._rows_index(rows, image)
         row_slots = self._take(slots, index)
@@ -188,8 +217,11 @@ class StackRunner:
         first_pool = pool.get("fbcache.first", tuple(residual.shape[1:]), residual.dtype, residual.device)
         tail_pool = pool.get("fbcache.tail", tuple(residual.shape[1:]), residual.dtype, residual.device)
         previous = gather_rows(first_pool, row_slots, None)
-        values = torch.stack([(residual - previous).abs().flatten(1).sum(1),
-                              previous.abs().flatten(1).sum(1)]).float().tolist()
+        values = (
+            torch.stack([(residual - previous).abs().flatten(1).sum(1), previous.abs().flatten(1).sum(1)])
+            .float()
+            .tolist()
+        )
         local = {r: i for i, r in enumerate(rows)}
         reuse_rows: list[int] = []
         for k in members:
@@ -202,13 +234,21 @@ class StackRunner:
         y = torch.empty_like(first)
         if reuse_rows:
             sub = self._tensor(tuple(reuse_rows), x.device, torch.long)
-            y.index_copy_(0, sub, first.index_select(0, sub) + gather_rows(tail_pool, row_slots.index_select(0, sub), None))
+            y.index_copy_(
+                0, sub, first.index_select(0, sub) + gather_rows(tail_pool, row_slots.index_select(0, sub), None)
+            )
         y_text = first_text
         if compute_rows:
             sub = self._tensor(tuple(compute_rows), x.device, torch.long)
             batch_sub = sub if index is None else index.index_select(0, sub)
-            tail, tail_text = self._blocks(call, batch_sub, first.index_select(0, sub),
-                                           None if first_text is None else first_text.index_select(0, sub), None, 1)
+            tail, tail_text = self._blocks(
+                call,
+                batch_sub,
+                first.index_select(0, sub),
+                None if first_text is None else first_text.index_select(0, sub),
+                None,
+                1,
+            )
             y.index_copy_(0, sub, tail)
             if tail_text is not None and first_text is not None:
                 y_text = first_text.clone()
@@ -237,20 +277,23 @@ class StackRunner:
                 sample.refresh.last_compute = sample.step
         return _Part(rows, y, y_text, text_known=y_text is not None or text is None)
 
-    def _decide_teacache(self, step: StepContext, call: dict[str, Any], image: torch.Tensor,
-                         slots: torch.Tensor, modes: list[str]) -> None:
+    def _decide_teacache(
+        self, step: StepContext, call: dict[str, Any], image: torch.Tensor, slots: torch.Tensor, modes: list[str]
+    ) -> None:
         """TeaCache per sample: reuse the stack while the accumulated rescaled input change stays small."""
         members = [k for k, mode in enumerate(modes) if mode == TEACACHE]
         rows = [r for k in members for r in step.sample_rows[k]]
         index = self._rows_index(rows, image)
         adapter = self.adapter
-        modulated = adapter.modulated_input(self.blocks[0], adapter.select_rows(call, index),
-                                            self._take(image, index))
+        modulated = adapter.modulated_input(self.blocks[0], adapter.select_rows(call, index), self._take(image, index))
         pool = self.pool.get("teacache.previous", tuple(modulated.shape[1:]), modulated.dtype, modulated.device)
         row_slots = self._take(slots, index)
         previous = gather_rows(pool, row_slots, None)
-        values = torch.stack([(modulated - previous).abs().flatten(1).sum(1),
-                              previous.abs().flatten(1).sum(1)]).float().tolist()
+        values = (
+            torch.stack([(modulated - previous).abs().flatten(1).sum(1), previous.abs().flatten(1).sum(1)])
+            .float()
+            .tolist()
+        )
         write_rows(pool, row_slots, None, modulated)
         coefficients = self.profile.metadata.get("teacache_coefficients", [1.0, 0.0])
         local = {r: i for i, r in enumerate(rows)}
@@ -273,21 +316,34 @@ class StackRunner:
 
     # ------------------------------------------------------------------ after a real compute
 
-    def _after_compute(self, step: StepContext, members: list[int], rows: list[int], index: torch.Tensor | None,
-                       row_slots: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _after_compute(
+        self,
+        step: StepContext,
+        members: list[int],
+        rows: list[int],
+        index: torch.Tensor | None,
+        row_slots: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
         """Measure FastCache samples' forecast error, record the outputs, set the next horizons."""
         local = {r: i for i, r in enumerate(rows)}
         guarded = self.profile.guard_slack is not None
-        measured = [k for k in members if guarded and step.samples[k].params.method == "fastcache"
-                    and step.samples[k].params.tolerance > 0.0 and step.samples[k].refresh.computes >= 2]
+        measured = [
+            k
+            for k in members
+            if guarded
+            and step.samples[k].params.method == "fastcache"
+            and step.samples[k].params.tolerance > 0.0
+            and step.samples[k].refresh.computes >= 2
+        ]
         errors: dict[int, float] = {}
         if measured:
             mine = [local[r] for k in measured for r in step.sample_rows[k]]
             sub = self._tensor(tuple(mine), y.device, torch.long)
             batch_rows = [rows[i] for i in mine]
-            forecast = self.history.forecast(row_slots.index_select(0, sub),
-                                              step.times.index_select(0, self._tensor(tuple(batch_rows), y.device, torch.long)),
-                                              self._gains(step, batch_rows, y), y)
+            times = self._row_times(step, batch_rows, y)
+            forecast = self.history.forecast(row_slots.index_select(0, sub), times, self._gains(step, batch_rows, y), y)
             real = y.index_select(0, sub)
             squared, reference = projected_error(forecast, real, self._projection(y))
             values = torch.stack([squared, reference]).tolist()  # the one host read of this step
@@ -321,14 +377,23 @@ class StackRunner:
             slack = profile.guard_slack
             allowance = 0.0 if slack is None else slack * p.tolerance * profile.weight(phase)
             dof = len(step.sample_rows[k]) * y.shape[1] * self._output_width(y)
-            refresh.next_compute = sample.step + fastcache_gap(refresh, horizon, errors.get(k), profile.floor(phase),
-                                                               allowance, p.significance, dof, gap)
+            refresh.next_compute = sample.step + fastcache_gap(
+                refresh, horizon, errors.get(k), profile.floor(phase), allowance, p.significance, dof, gap
+            )
 
     # ------------------------------------------------------------------ token selection and merging
 
-    def _compute_selected(self, step: StepContext, call: dict[str, Any], members: list[int], rows: list[int],
-                          index: torch.Tensor | None, x: torch.Tensor, x_text: torch.Tensor | None,
-                          row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, int]]:
+    def _compute_selected(
+        self,
+        step: StepContext,
+        call: dict[str, Any],
+        members: list[int],
+        rows: list[int],
+        index: torch.Tensor | None,
+        x: torch.Tensor,
+        x_text: torch.Tensor | None,
+        row_slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, int]]:
         """Real computes where some samples run only their moving tokens (static tokens take the
         forecast) and may merge dense tokens. Rows with equal token counts share block calls."""
         n_tokens = x.shape[1]
@@ -356,8 +421,8 @@ class StackRunner:
                 gy, gy_text = self._blocks(call, g_index, gx, g_text, None, 0)
             else:
                 full = torch.arange(n_tokens, device=x.device)
-                positions = torch.stack([full if plans[sample_of_row[r]][0] is None else plans[sample_of_row[r]][0]
-                                         for r in group_rows])
+                planned = [plans[sample_of_row[r]][0] for r in group_rows]
+                positions = torch.stack([full if p is None else p for p in planned])
                 selected = gather_tokens(gx, positions)
                 merged, merge_info, block_positions = selected, None, positions
                 if merge:
@@ -368,9 +433,12 @@ class StackRunner:
                     out = knn_unmerge(out, merged, selected, merge_info)
                 base = gx
                 if count < n_tokens:  # static tokens take the forecast
-                    base = self.history.forecast(row_slots.index_select(0, sub),
-                                                       self._take(step.times, g_index),
-                                                       self._gains(step, group_rows, x), gx)
+                    base = self.history.forecast(
+                        row_slots.index_select(0, sub),
+                        self._take(step.times, g_index),
+                        self._gains(step, group_rows, x),
+                        gx,
+                    )
                 gy = scatter_tokens(base, positions, out)
                 self._update_static_runs(row_slots.index_select(0, sub), positions, x)
                 count = merged.shape[1]
@@ -384,8 +452,9 @@ class StackRunner:
                 computed[sample_of_row[r]] = count
         return y, (None if text_missing else y_text), computed
 
-    def _plan_tokens(self, step: StepContext, k: int, local_rows: list[int], x: torch.Tensor,
-                     row_slots: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    def _plan_tokens(
+        self, step: StepContext, k: int, local_rows: list[int], x: torch.Tensor, row_slots: torch.Tensor
+    ) -> tuple[torch.Tensor | None, int]:
         """(moving-token positions or None for all, number of tokens to merge) for one sample."""
         sample = step.samples[k]
         p = sample.params
@@ -422,9 +491,16 @@ class StackRunner:
 
     # ------------------------------------------------------------------ blocks
 
-    def _blocks(self, call: dict[str, Any], index: torch.Tensor | None, image: torch.Tensor,
-                text: torch.Tensor | None, positions: torch.Tensor | None, start: int,
-                stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _blocks(
+        self,
+        call: dict[str, Any],
+        index: torch.Tensor | None,
+        image: torch.Tensor,
+        text: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        start: int,
+        stop: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run blocks ``start..stop`` really on the rows ``index`` of the batch (``None``: all rows)."""
         step = self._step
         assert step is not None
@@ -442,7 +518,7 @@ class StackRunner:
 
     def _count_full_cost(self, step: StepContext, image: torch.Tensor, text: torch.Tensor | None) -> None:
         full = self._stack_macs(image.shape[1])
-        for sample, rows in zip(step.samples, step.sample_rows):
+        for sample, rows in zip(step.samples, step.sample_rows, strict=True):
             sample.stats.macs_full += full * len(rows)
 
     def _stack_macs(self, tokens: int, stop: int | None = None) -> float:
@@ -478,6 +554,11 @@ class StackRunner:
             return None
         return self._tensor(tuple(rows), like.device, torch.long)
 
+    def _row_times(self, step: StepContext, batch_rows: list[int], like: torch.Tensor) -> torch.Tensor:
+        """Normalized times of some batch rows."""
+        assert step.times is not None
+        return step.times.index_select(0, self._tensor(tuple(batch_rows), like.device, torch.long))
+
     @staticmethod
     def _take(tensor: torch.Tensor | None, index: torch.Tensor | None) -> Any:
         if tensor is None or index is None:
@@ -489,8 +570,10 @@ class StackRunner:
         samples, 1 for TaylorSeer), as a cached tensor."""
         profile = self.profile
         sample_of = {r: k for k, rs in enumerate(step.sample_rows) for r in rs}
-        gains = tuple(profile.gain(step.phases[sample_of[r]]) if step.samples[sample_of[r]].params.method == "fastcache"
-                      else 1.0 for r in rows)
+        gains = tuple(
+            profile.gain(step.phases[sample_of[r]]) if step.samples[sample_of[r]].params.method == "fastcache" else 1.0
+            for r in rows
+        )
         return self._tensor(gains, like.device, like.dtype)
 
     def _projection(self, like: torch.Tensor) -> torch.Tensor | None:
@@ -505,10 +588,11 @@ class StackRunner:
 
     def _samples_of(self, step: StepContext, rows: list[int]) -> list[tuple[SampleState, int]]:
         wanted = set(rows)
-        return [(sample, len(rs)) for sample, rs in zip(step.samples, step.sample_rows) if rs[0] in wanted]
+        return [(sample, len(rs)) for sample, rs in zip(step.samples, step.sample_rows, strict=True) if rs[0] in wanted]
 
-    def _assemble(self, parts: list[_Part], image: torch.Tensor,
-                  text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _assemble(
+        self, parts: list[_Part], image: torch.Tensor, text: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's stack output from the parts computed for its rows."""
         batch = image.shape[0]
         if len(parts) == 1 and parts[0].rows == list(range(batch)):
@@ -536,4 +620,3 @@ def _polyval(coefficients: Sequence[float], x: float) -> float:
     for c in coefficients:
         value = value * x + c
     return value
-

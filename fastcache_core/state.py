@@ -7,12 +7,12 @@ row's slot, so gathering the cache of any batch composition is one indexing oper
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import torch
 
-from fastcache_core.config import CacheParams
+from fastcache_core.config import ResolvedCacheParams
 from fastcache_core.decisions import RefreshState
 from fastcache_core.stats import SampleStats
 
@@ -22,7 +22,7 @@ class SampleState:
     """One sample's settings, progress, refresh bookkeeping and counters."""
 
     sample_id: Hashable
-    params: CacheParams
+    params: ResolvedCacheParams
     num_steps: int | None
     step: int = 0
     refresh: RefreshState = field(default_factory=RefreshState)
@@ -64,7 +64,7 @@ class RowPool:
     def __init__(self) -> None:
         self.capacity = 0
         self.tensors: dict[str, torch.Tensor] = {}
-        self._aside: dict[tuple, torch.Tensor] = {}  # (name, row shape, dtype, device) -> tensor not in use now
+        self._aside: dict[PoolKey, torch.Tensor] = {}  # tensors of another per-row shape, not in use now
         self._free: list[int] = []
         self._used: set[int] = set()
 
@@ -120,16 +120,22 @@ class RowPool:
             tensor.index_fill_(0, slots.to(tensor.device), 0)
 
     def _grow(self, capacity: int) -> None:
-        for store in (self.tensors, self._aside):
-            for key, tensor in store.items():
-                grown = tensor.new_zeros((capacity, *tensor.shape[1:]))
-                grown[: self.capacity] = tensor
-                store[key] = grown
+        def grown(tensor: torch.Tensor) -> torch.Tensor:
+            bigger = tensor.new_zeros((capacity, *tensor.shape[1:]))
+            bigger[: self.capacity] = tensor
+            return bigger
+
+        self.tensors = {name: grown(tensor) for name, tensor in self.tensors.items()}
+        self._aside = {key: grown(tensor) for key, tensor in self._aside.items()}
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
 
 
-def _signature(name: str, tensor: torch.Tensor) -> tuple:
+PoolKey = tuple[str, tuple[int, ...], torch.dtype, torch.device]
+"""A pool tensor's name, per-row shape, dtype and device."""
+
+
+def _signature(name: str, tensor: torch.Tensor) -> PoolKey:
     return name, tuple(tensor.shape[1:]), tensor.dtype, tensor.device
 
 

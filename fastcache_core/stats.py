@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ class SampleStats:
 
     sample_id: Any = None
     method: str = "fastcache"
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     approximator: str = "identity"
     steps: int = 0
     blocks_computed: int = 0
@@ -54,13 +55,20 @@ class SampleStats:
         return data
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _cpu_sdpa_flops(
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    *args: Any,
+    out_shape: Any = None,
+    **kwargs: Any,
+) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]  # torch: untyped
 
 
-def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
     """A ``FlopCounterMode`` that also counts the CPU kernel of ``scaled_dot_product_attention``.
 
     torch's table covers the CUDA attention kernels but not the CPU one, which would make attention
@@ -84,9 +92,9 @@ class BlockCostModel:
     """
 
     def __init__(self) -> None:
-        self._coefficients: dict[tuple, tuple[float, float, float]] = {}
+        self._coefficients: dict[Hashable, tuple[float, float, float]] = {}
 
-    def macs(self, key: tuple, tokens: int, measure: Callable[[int], float], full_tokens: int) -> float:
+    def macs(self, key: Hashable, tokens: int, measure: Callable[[int], object], full_tokens: int) -> float:
         coeffs = self._coefficients.get(key)
         if coeffs is None:
             coeffs = self._fit(measure, full_tokens)
@@ -95,7 +103,7 @@ class BlockCostModel:
         return a + b * tokens + c * tokens * tokens
 
     @staticmethod
-    def _fit(measure: Callable[[int], float], full_tokens: int) -> tuple[float, float, float]:
+    def _fit(measure: Callable[[int], object], full_tokens: int) -> tuple[float, float, float]:
         points = sorted({max(1, full_tokens // 4), max(1, full_tokens // 2), full_tokens})
         values = []
         for n in points:

@@ -102,7 +102,9 @@ def knn_merge(x: torch.Tensor, merge_count: int, neighbors: int) -> tuple[torch.
     return sums / counts.unsqueeze(-1), TokenMerge(kept=kept, slot=slot)
 
 
-def knn_unmerge(merged_out: torch.Tensor, merged_in: torch.Tensor, x_in: torch.Tensor, merge: TokenMerge) -> torch.Tensor:
+def knn_unmerge(
+    merged_out: torch.Tensor, merged_in: torch.Tensor, x_in: torch.Tensor, merge: TokenMerge
+) -> torch.Tensor:
     """Give every input token its own input plus its representative's residual: (rows, n, D).
 
     ``out_i = x_i + (y_s - m_s)`` where ``s`` is token ``i``'s representative, ``m_s`` its merged input
