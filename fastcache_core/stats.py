@@ -14,13 +14,14 @@ class SampleStats:
     """What the cache did for one sample (one request image and its guidance pair).
 
     Block counts are per sample, not per guidance row: a block reused by both rows of a pair counts
-    once. MACs count both rows and include the cost of the linear approximations.
+    once. MACs count both rows and include the cost of forecasts and error measurements.
     """
 
     sample_id: Any = None
     method: str = "fastcache"
     params: dict[str, Any] = field(default_factory=dict)
-    approximator: str = "identity"
+    approximator: str = "none"
+    """How skipped steps were filled: "fitted forecast", "taylor order 1", "residual reuse" or "none"."""
     steps: int = 0
     blocks_computed: int = 0
     blocks_approximated: int = 0
@@ -37,7 +38,8 @@ class SampleStats:
 
     @property
     def tokens_computed_fraction(self) -> float:
-        """Share of image-token block evaluations that really ran (after token selection and merging)."""
+        """At the sample's real computes, the share of its image tokens that went through the blocks
+        (after token selection and merging); forecast steps do not count."""
         return self.tokens_computed / self.tokens_total if self.tokens_total else 1.0
 
     @property

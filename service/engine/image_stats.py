@@ -24,7 +24,7 @@ class ImageStats(BaseModel):
     mac_fraction: float = Field(description="estimated transformer MACs spent relative to uncached")
     method: str = Field(description="the cache method the image ran with")
     cache: dict[str, Any] = Field(description="the cache settings the image ran with, defaults filled in")
-    approximator: str = Field(description="how reused work was approximated (fitted or identity)")
+    approximator: str = Field(description="how skipped steps were filled: fitted forecast, taylor order 1, residual reuse or none")
 
     @classmethod
     def from_sample(cls, stats: SampleStats, *, queue_wait_seconds: float, compute_seconds: float,
