@@ -19,7 +19,7 @@ class ImageStats(BaseModel):
                                                "at each of its steps")
     blocks_computed: int = Field(description="block evaluations really run (per sample, a guidance pair counts once)")
     blocks_approximated: int = Field(description="block evaluations served by the cache")
-    tokens_computed_fraction: float = Field(description="share of image-token block evaluations that really ran")
+    tokens_computed_fraction: float = Field(description="at real computes, the share of image tokens that went through the blocks")
     cache_hit_rate: float = Field(description="blocks_approximated / (blocks_computed + blocks_approximated)")
     mac_fraction: float = Field(description="estimated transformer MACs spent relative to uncached")
     method: str = Field(description="the cache method the image ran with")
