@@ -193,7 +193,7 @@ EOF
   "$HOST_PYTHON" -m http.server --bind 127.0.0.1 --directory "$index" "$port" >"$BUILD_DIR/logs/torch-index-http.log" 2>&1 &
   TORCH_INDEX_PID=$!
   TORCH_INDEX_ARGS=(--build-arg "TORCH_INDEX_MIRROR=http://127.0.0.1:$port/simple")
-  info "serving $(ls "$index/files" | wc -l) wheels at http://127.0.0.1:$port/simple"
+  info "serving $(find "$index/files" -name '*.whl' | wc -l) wheels at http://127.0.0.1:$port/simple"
 }
 
 # ------------------------------------------------------------------------------------------ build
