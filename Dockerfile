@@ -46,9 +46,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, from the variant's index: a bare `torch` requirement would pull the default CUDA build
 # a mirror of the variant's torch wheel index (air-gapped builds; deploy/docker/build-local.sh)
 ARG TORCH_INDEX_MIRROR=""
+# torch first, from the variant's index: a bare `torch` requirement would pull the default CUDA build
 # hadolint ignore=DL3013
 RUN pip install --upgrade pip setuptools wheel \
     && pip install --index-url "${TORCH_INDEX_MIRROR:-${TORCH_INDEX_URL}}" "torch==${TORCH_VERSION}"

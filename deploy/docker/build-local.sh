@@ -23,7 +23,7 @@
 #
 # Environment: BUILD_DIR (/var/tmp/fastcache-build: container storage, root file system, logs; never
 # inside the repository), IMAGE (fastcache-serve:cpu), BASE_IMAGE (localhost/python-local:3.11-slim-bookworm),
-# DEBIAN_MIRROR (http://deb.debian.org/debian), TORCH_INDEX_MIRROR (use this torch wheel index),
+# DEBIAN_MIRROR (debootstrap's default), TORCH_INDEX_MIRROR (use this torch wheel index),
 # TORCH_WHEELS (a directory with the torch wheel for the local index, default /opt/wheels),
 # READY_TIMEOUT (600 s), HOST_CA_DIR (/usr/local/share/ca-certificates: local CA certificates that the
 # base trusts too, for TLS-inspecting proxies; empty: none). Needs root (debootstrap, rootful
@@ -35,7 +35,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-/var/tmp/fastcache-build}"
 IMAGE="${IMAGE:-fastcache-serve:cpu}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/python-local:3.11-slim-bookworm}"
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-}"
 TORCH_WHEELS="${TORCH_WHEELS:-/opt/wheels}"
 READY_TIMEOUT="${READY_TIMEOUT:-600}"
 HOST_CA_DIR="${HOST_CA_DIR-/usr/local/share/ca-certificates}"
@@ -77,19 +77,19 @@ need_tools() {
 # ------------------------------------------------------------------------------------------- base
 base() {
   local rootfs="$BUILD_DIR/rootfs" context="$BUILD_DIR/base"
-  step "base image $BASE_IMAGE: debootstrap --variant=minbase bookworm + python3.11 ($DEBIAN_MIRROR)"
+  step "base image $BASE_IMAGE: debootstrap --variant=minbase bookworm + python3.11"
   rm -rf "$rootfs" "$context"
   mkdir -p "$context"
   local start=$SECONDS
   # python3-venv: `python -m venv` (ensurepip), which the official image supports out of the box;
   # netbase, tzdata and ca-certificates are in the official slim image too
   debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,netbase,tzdata \
-    bookworm "$rootfs" "$DEBIAN_MIRROR" >"$BUILD_DIR/logs/debootstrap.log" 2>&1 \
+    bookworm "$rootfs" ${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"} >"$BUILD_DIR/logs/debootstrap.log" 2>&1 \
     || die "debootstrap failed, see $BUILD_DIR/logs/debootstrap.log"
   info "debootstrap: $((SECONDS - start)) s"
   # The official image: Python under /usr/local/bin (python, python3, pip), no PEP 668 marker
-  # (pip may install into the system Python), apt sources for updates and security, slim: no docs,
-  # man pages or locales; apt lists and downloaded packages removed.
+  # (pip may install into the system Python), slim: no docs, man pages or locales; apt lists and
+  # downloaded packages removed. apt sources: bookworm main, as debootstrap writes them.
   ln -sf /usr/bin/python3.11 "$rootfs/usr/local/bin/python3.11"
   ln -sf python3.11 "$rootfs/usr/local/bin/python3"
   ln -sf python3.11 "$rootfs/usr/local/bin/python"
@@ -107,20 +107,6 @@ base() {
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
     info "trusts the host's ${#cas[@]} local CA certificate(s) from $HOST_CA_DIR (pip too, via /etc/pip.conf)"
   fi
-  cat >"$rootfs/etc/apt/sources.list.d/debian.sources" <<EOF
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-  rm -f "$rootfs/etc/apt/sources.list"
   cat >"$rootfs/etc/dpkg/dpkg.cfg.d/docker-slim" <<'EOF'
 path-exclude /usr/share/doc/*
 path-include /usr/share/doc/*/copyright
@@ -136,7 +122,12 @@ EOF
   : >"$rootfs/etc/hostname"
   local version
   version=$(chroot "$rootfs" /usr/local/bin/python -c 'import platform; print(platform.python_version())')
-  chroot "$rootfs" /usr/local/bin/python -m venv --help >/dev/null || die "python -m venv does not work in the base"
+  # what the Dockerfile's builder does first: a virtualenv with pip (ensurepip)
+  if ! { chroot "$rootfs" /usr/local/bin/python -m venv /tmp/venv-check >/dev/null \
+         && chroot "$rootfs" /tmp/venv-check/bin/pip --version >/dev/null; }; then
+    die "python -m venv does not give a working pip in the base"
+  fi
+  rm -rf "$rootfs/tmp/venv-check"
   tar -C "$rootfs" --numeric-owner -cf "$context/rootfs.tar" .
   info "root file system: $(du -sh --apparent-size "$rootfs" | cut -f1), Python $version"
   cat >"$context/Containerfile" <<EOF
@@ -306,9 +297,9 @@ run_checks() {
   for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.2; done
   info "$redis_url: appendonly $(redis-cli -p "$redis_port" config get appendonly | tail -n 1)"
 
-  step "podman run $IMAGE fastcache-worker --redis $redis_url (FASTCACHE_METRICS_PORT=\$free_port)"
   local worker_port worker_url
   worker_port=$(free_port); worker_url="http://127.0.0.1:$worker_port"
+  step "podman run $IMAGE fastcache-worker --redis $redis_url (FASTCACHE_METRICS_PORT=$worker_port)"
   # the port through the environment, as the Kubernetes ConfigMap sets it: the HEALTHCHECK reads
   # FASTCACHE_METRICS_PORT and cannot see a --metrics-port flag
   run_container "$RUN_ID-worker" -e FASTCACHE_DEVICE=cpu -e FASTCACHE_METRICS_PORT="$worker_port" "$IMAGE" \
