@@ -6,9 +6,12 @@
 #   CPU (default):  docker build -t fastcache-serve:cpu .
 #   CUDA 12.x:      docker build --build-arg VARIANT=cuda -t fastcache-serve:cuda .
 #
-# The bundled digits DiT (models/digits-dit) is baked in at /app/models/digits-dit, so the CPU
-# image serves with no download. Other models: mount a directory and set FASTCACHE_MODEL, or give
-# a Hugging Face id and mount /models so HF_HOME=/models/hf-cache survives restarts.
+# Every bundled model under models/ (a diffusers pipeline directory) is baked in at /app/models/<dir>;
+# the default, the digits DiT at /app/models/digits-dit, serves with no download. BUNDLED_MODELS
+# picks some (e.g. --build-arg BUNDLED_MODELS=digits-dit). Other models: mount a directory and set
+# FASTCACHE_MODEL, or give a Hugging Face id and mount /models so HF_HOME=/models/hf-cache survives
+# restarts. No registry access? deploy/docker/build-local.sh builds and smoke-tests the CPU image
+# with buildah and podman from a local base image.
 
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -43,10 +46,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# a mirror of the variant's torch wheel index (air-gapped builds; deploy/docker/build-local.sh)
+ARG TORCH_INDEX_MIRROR=""
 # torch first, from the variant's index: a bare `torch` requirement would pull the default CUDA build
 # hadolint ignore=DL3013
 RUN pip install --upgrade pip setuptools wheel \
-    && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+    && pip install --index-url "${TORCH_INDEX_MIRROR:-${TORCH_INDEX_URL}}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fastcache_core ./fastcache_core
@@ -58,7 +63,18 @@ RUN pip install . \
     && fastcache-worker --help >/dev/null
 
 # ---------------------------------------------------------------------------------------------
-# Runtime: the virtualenv, the bundled model, a non-root user.
+# Bundled models: every diffusers pipeline directory under models/ (one with a model_index.json;
+# the Python packages next to them are training code and stay out), or only those BUNDLED_MODELS
+# names (space-separated directory names).
+# hadolint ignore=DL3006
+FROM python-${VARIANT} AS bundled-models
+ARG BUNDLED_MODELS=""
+COPY deploy/docker/bundle-models.sh /usr/local/bin/bundle-models
+COPY models /src/models
+RUN sh /usr/local/bin/bundle-models /src/models /opt/models "${BUNDLED_MODELS}"
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: the virtualenv, the bundled models, a non-root user.
 # hadolint ignore=DL3006
 FROM python-${VARIANT} AS runtime
 ARG VARIANT
@@ -72,7 +88,7 @@ RUN groupadd --system --gid 10001 fastcache \
     && chown -R 10001:10001 /models
 COPY --from=builder /opt/venv /opt/venv
 # read-only for the service user (owned by root)
-COPY models/digits-dit /app/models/digits-dit
+COPY --from=bundled-models /opt/models /app/models
 COPY deploy/docker/healthcheck.py /usr/local/bin/fastcache-healthcheck
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,6 +25,14 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run scripts/setup.sh")
     return path
+
+
+def venv_tool(name: str) -> str:
+    """Path of a CLI a test-extra package installs next to this Python (hadolint, check-jsonschema)."""
+    path = Path(sys.executable).parent / name
+    if path.exists():
+        return str(path)
+    return tool(name)
 
 
 def run(args: list[str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -8,7 +8,12 @@ against the real service, without a Docker engine or a cluster.
   exactly the groups of alerts.yml.
 * Metrics: a real server is started and scraped; every metric the dashboard and the alerts use is
   exported, and every dashboard query returns data when evaluated by promtool over that scrape.
-* docker compose and the Dockerfile are checked textually.
+* docker compose: validated against the Compose Specification's JSON schema (check-jsonschema's
+  vendored copy, offline) and checked against the repository; Redis keeps its data in an append-only
+  file, checked with a real redis-server started with the deployed arguments.
+* The Dockerfile: linted with hadolint and checked textually; the bundled-model selection and the
+  smoke checks of deploy/docker/build-local.sh (which builds and runs the image, outside this suite)
+  are run here against real directories and a real server.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +49,9 @@ from tests.deploy_checks import (
     promtool_data_test,
     run,
     tool,
+    venv_tool,
 )
-from tests.servers import REPO, RedisServer, Server, WorkerProcess, child_env, free_port
+from tests.servers import REPO, RedisServer, Server, WorkerProcess, child_env, free_port, wait_until
 
 K8S_VERSION = "1.31.0"
 OVERLAYS = ("cpu-local", "gpu-cluster")
@@ -59,6 +66,9 @@ COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
+BUNDLE_MODELS = DEPLOY / "docker" / "bundle-models.sh"
+BUILD_LOCAL = DEPLOY / "docker" / "build-local.sh"
+SMOKE = DEPLOY / "docker" / "smoke.py"
 OFFICIAL_IMAGES = ("redis", "prom/prometheus", "grafana/grafana")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
@@ -602,6 +612,97 @@ def test_compose_stack_is_complete_and_self_contained():
     assert str(Path(dashboard_target).parent) == providers["providers"][0]["options"]["path"]
 
 
+def test_compose_file_follows_the_compose_specification():
+    """The Compose Specification's JSON schema (check-jsonschema's vendored copy: no network)."""
+    result = run([venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("breakage", ["unknown service key", "unknown depends_on condition"])
+def test_compose_schema_check_rejects_a_broken_file(tmp_path, breakage):
+    compose = yaml.safe_load(COMPOSE.read_text())
+    if breakage == "unknown service key":
+        compose["services"]["worker"]["stop_grace_periods"] = compose["services"]["worker"].pop("stop_grace_period")
+    else:
+        compose["services"]["api"]["depends_on"]["redis"]["condition"] = "service_ready"
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(yaml.safe_dump(compose))
+    result = run([venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(broken)])
+    assert result.returncode != 0, breakage
+
+
+# ============================================================================ Redis persistence
+def flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def deployed_redis(rendered) -> dict[str, tuple[list[str], set[str]]]:
+    """``{where: (redis-server arguments, mount paths backed by persistent volumes)}`` for the compose
+    service and the StatefulSet of each overlay."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    service = compose["services"]["redis"]
+    assert service["command"][0] == "redis-server"
+    named = set(compose.get("volumes") or {})
+    out = {"docker-compose.yml": (service["command"][1:],
+                                  {v.split(":")[1] for v in service.get("volumes") or [] if v.split(":")[0] in named})}
+    for overlay, docs in rendered.items():
+        statefulset = one(docs, "StatefulSet", "fastcache-redis")
+        c = container(statefulset, "redis")
+        assert "command" not in c, "the image's entrypoint runs redis-server with the args"
+        claims = {t["metadata"]["name"] for t in statefulset["spec"].get("volumeClaimTemplates") or []}
+        out[overlay] = ([str(a) for a in c["args"]],
+                        {m["mountPath"] for m in c.get("volumeMounts") or [] if m["name"] in claims})
+    return out
+
+
+def test_redis_keeps_an_append_only_file_on_a_persistent_volume(rendered):
+    for where, (args, persistent) in deployed_redis(rendered).items():
+        assert flag(args, "--appendonly") == "yes", f"{where}: Redis runs without an append-only file"
+        assert flag(args, "--dir") in persistent, f"{where}: the data directory is not on a persistent volume"
+        assert flag(args, "--maxmemory-policy") == "noeviction", f"{where}: jobs could be evicted"
+
+
+@pytest.mark.parametrize("where", ["docker-compose.yml", "gpu-cluster"])
+def test_redis_with_the_deployed_arguments_keeps_jobs_across_a_kill(rendered, tmp_path, where):
+    """A real redis-server started with the deployed arguments (its data directory moved to a
+    temporary one), killed with SIGKILL after a job was queued, and started again: the job is there."""
+    import redis
+
+    args, _ = deployed_redis(rendered)[where]
+    args = [str(tmp_path) if i > 0 and args[i - 1] == "--dir" else a for i, a in enumerate(args)]
+    port = free_port()
+    command = [shutil.which("redis-server") or "/usr/bin/redis-server", *args,
+               "--port", str(port), "--bind", "127.0.0.1"]
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port, socket_timeout=2)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.exceptions.RedisError:
+                return False
+        wait_until(up, 20, lambda: f"redis-server {args} did not start", process=process)
+        return process
+
+    process = start()
+    try:
+        client = redis.Redis(port=port, decode_responses=True)
+        client.xadd(LAYOUT.stream, {"job": "before-the-kill"})
+        # appendfsync everysec may postpone the write by a moment: kill once it is in the file
+        wait_until(lambda: any(b"before-the-kill" in f.read_bytes() for f in tmp_path.rglob("*.aof")), 20,
+                   lambda: f"no append-only file with the job in {sorted(tmp_path.rglob('*'))}")
+        process.kill()
+        process.wait(timeout=10)
+        process = start()
+        entries = redis.Redis(port=port, decode_responses=True).xrange(LAYOUT.stream)
+        assert [fields for _, fields in entries] == [{"job": "before-the-kill"}]
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
 # ============================================================================ Dockerfile
 def test_dockerfile_variants_user_healthcheck_and_model():
     steps = dockerfile_instructions(DOCKERFILE)
@@ -628,7 +729,13 @@ def test_dockerfile_variants_user_healthcheck_and_model():
             env.update(re.findall(r"(\w+)=(\S+)", args))
     copies = [a.split() for w, a in runtime if w == "COPY" and "--from" not in a]
     destinations = {parts[-2]: parts[-1] for parts in copies}
-    assert destinations["models/digits-dit"] == env["FASTCACHE_MODEL"], "the bundled model is the default model"
+    # the bundled models land in /app/models; the default model is one of them
+    bundled = [a.split() for w, a in runtime if w == "COPY" and "--from=bundled-models" in a]
+    assert bundled, "the runtime stage copies the bundled models"
+    default_model = Path(env["FASTCACHE_MODEL"])
+    assert str(default_model.parent) == bundled[0][-1].rstrip("/"), "the default model is a bundled one"
+    assert (REPO / "models" / default_model.name / "model_index.json").is_file()
+    assert "bundled-models" in stages
     assert env["HF_HOME"] == "/models/hf-cache" and env["FASTCACHE_HOST"] == "0.0.0.0"
     healthcheck = [a for w, a in runtime if w == "HEALTHCHECK"]
     assert healthcheck and destinations["deploy/docker/healthcheck.py"] in healthcheck[0]
@@ -652,5 +759,82 @@ def test_dockerignore_keeps_the_context_small():
                  "fastcache_serve.egg-info/PKG-INFO", ".pytest_cache/v", "tests/test_deploy.py"):
         assert dockerignore_excludes(DOCKERIGNORE, path), f"{path} would be sent to the Docker daemon"
     for path in ("service/cli.py", "fastcache_core/cache.py", "models/digits-dit/vae/config.json",
-                 "deploy/docker/healthcheck.py", "pyproject.toml", "README.md"):
+                 "deploy/docker/healthcheck.py", "deploy/docker/bundle-models.sh", "pyproject.toml", "README.md"):
         assert not dockerignore_excludes(DOCKERIGNORE, path), f"{path} is needed by the build"
+    for path in ("deploy/docker/build-local.sh", "deploy/docker/smoke.py", "deploy/base/api.yaml"):
+        assert dockerignore_excludes(DOCKERIGNORE, path), f"{path} is not needed in the image"
+
+
+def test_dockerfile_passes_hadolint():
+    result = run([venv_tool("hadolint"), "--no-color", str(DOCKERFILE)])
+    assert result.returncode == 0 and not result.stdout.strip(), f"hadolint:\n{result.stdout}{result.stderr}"
+
+
+def test_hadolint_flags_a_broken_dockerfile(tmp_path):
+    """The lint can fail: an unpinned base image and an apt install that keeps its lists."""
+    broken = tmp_path / "Dockerfile"
+    broken.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n")
+    result = run([venv_tool("hadolint"), "--no-color", str(broken)])
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout and "DL3008" in result.stdout, result.stdout
+
+
+def bundle_models(source: Path, dest: Path, names: str = "") -> subprocess.CompletedProcess:
+    return run(["sh", str(BUNDLE_MODELS), str(source), str(dest), names])
+
+
+def test_image_bundles_every_model_directory_and_no_training_code(tmp_path):
+    """What the Dockerfile's bundled-models stage does with the repository's models/."""
+    result = bundle_models(REPO / "models", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    expected = {d.name for d in (REPO / "models").iterdir() if (d / "model_index.json").is_file()}
+    assert "digits-dit" in expected
+    assert {d.name for d in (tmp_path / "out").iterdir()} == expected
+    copied = tmp_path / "out" / "digits-dit"
+    for file in (REPO / "models" / "digits-dit").rglob("*"):
+        if file.is_file() and "__pycache__" not in file.parts:
+            twin = copied / file.relative_to(REPO / "models" / "digits-dit")
+            assert twin.read_bytes() == file.read_bytes(), twin
+
+
+def test_bundled_models_can_be_chosen_and_a_missing_one_fails_the_build(tmp_path):
+    source = tmp_path / "models"
+    for name in ("one-dit", "two-dit"):
+        (source / name).mkdir(parents=True)
+        (source / name / "model_index.json").write_text("{}")
+    (source / "one_dit").mkdir()
+    (source / "one_dit" / "__init__.py").write_text("")
+    chosen = bundle_models(source, tmp_path / "chosen", "two-dit")
+    assert chosen.returncode == 0, chosen.stderr
+    assert [d.name for d in (tmp_path / "chosen").iterdir()] == ["two-dit"]
+    missing = bundle_models(source, tmp_path / "missing", "two-dit three-dit")
+    assert missing.returncode != 0 and "three-dit" in missing.stderr
+    package = bundle_models(source, tmp_path / "package", "one_dit")
+    assert package.returncode != 0 and "not a model directory" in package.stderr
+    (tmp_path / "empty").mkdir()
+    assert bundle_models(tmp_path / "empty", tmp_path / "none").returncode != 0
+
+
+def test_build_script_is_valid_bash():
+    result = run(["bash", "-n", str(BUILD_LOCAL)])
+    assert result.returncode == 0, result.stderr
+
+
+def test_build_script_smoke_checks_pass_against_a_real_server(scraped):
+    """The checks build-local.sh runs against the container, run here against a real server."""
+    server, _ = scraped
+    answers = {}
+    for check in ("ready", "healthz", "generate", "metrics"):
+        result = run([sys.executable, str(SMOKE), check, server.url, "--timeout", "120"])
+        assert result.returncode == 0, f"{check}: {result.stderr}"
+        answers[check] = result.stdout
+    assert float(answers["ready"]) >= 0
+    assert re.search(r"^200, one \d+x\d+ PNG", answers["generate"]), answers["generate"]
+    assert "fastcache_ metric families" in answers["metrics"]
+
+
+def test_build_script_smoke_checks_fail_without_a_server():
+    url = f"http://127.0.0.1:{free_port()}"
+    ready = run([sys.executable, str(SMOKE), "ready", url, "--timeout", "1"])
+    assert ready.returncode == 1 and "not ready" in ready.stderr
+    assert run([sys.executable, str(SMOKE), "generate", url, "--timeout", "5"]).returncode == 1
