@@ -15,8 +15,9 @@ class ImageStats(BaseModel):
     queue_wait_seconds: float = Field(description="from submission to admission into the running batch")
     compute_seconds: float = Field(description="from the image's first denoising step to its decoded result")
     steps: int = Field(description="denoising steps run")
-    batch_sizes: list[int] = Field(description="images in this image's batch (its resolution's group) "
-                                               "at each of its steps")
+    batch_sizes: list[int] = Field(
+        description="images in this image's batch (its resolution's group) at each of its steps"
+    )
     blocks_computed: int = Field(description="block evaluations really run (per sample, a guidance pair counts once)")
     blocks_approximated: int = Field(description="block evaluations served by the cache")
     tokens_computed_fraction: float = Field(description="share of image-token block evaluations that really ran")
@@ -27,8 +28,9 @@ class ImageStats(BaseModel):
     approximator: str = Field(description="how reused work was approximated (fitted or identity)")
 
     @classmethod
-    def from_sample(cls, stats: SampleStats, *, queue_wait_seconds: float, compute_seconds: float,
-                    batch_sizes: list[int]) -> "ImageStats":
+    def from_sample(
+        cls, stats: SampleStats, *, queue_wait_seconds: float, compute_seconds: float, batch_sizes: list[int]
+    ) -> ImageStats:
         """The stats of one finished image from the cache's counters and the engine's timings."""
         return cls(
             queue_wait_seconds=round(queue_wait_seconds, 6),
