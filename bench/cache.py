@@ -32,9 +32,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -50,8 +51,19 @@ from bench.common import (
     write_json,
 )
 
-ROW_KEYS = ("method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid",
-            "peak_mem_bytes", "overhead_fraction", "fastcache_margin_db")
+ROW_KEYS = (
+    "method",
+    "params",
+    "speedup",
+    "mac_fraction",
+    "psnr_db",
+    "ssim",
+    "class_accuracy",
+    "fid",
+    "peak_mem_bytes",
+    "overhead_fraction",
+    "fastcache_margin_db",
+)
 METHOD_NAMES = ("none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache", "cachedit")
 UNCHANGED_FLAG = "output identical to uncached: the method never engaged"
 
@@ -63,22 +75,32 @@ PER_SAMPLE_TAYLORSEER_SKIPS = (2, 4)
 """``max_skip_steps`` of the per-sample TaylorSeer rows: intervals 3 and 5, like diffusers' rows."""
 DEFAULT_TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2)
 FBCACHE_THRESHOLDS = (0.05, 0.1)
-TAYLORSEER_SETTINGS = ({"cache_interval": 3, "disable_cache_before_step": 3, "max_order": 1},
-                       {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1})
-PAB_SETTINGS = ({"block_skip_range": 2, "timestep_skip_range": [100, 800]},
-                {"block_skip_range": 4, "timestep_skip_range": [100, 800]})
+TAYLORSEER_SETTINGS = (
+    {"cache_interval": 3, "disable_cache_before_step": 3, "max_order": 1},
+    {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1},
+)
+PAB_SETTINGS = (
+    {"block_skip_range": 2, "timestep_skip_range": [100, 800]},
+    {"block_skip_range": 4, "timestep_skip_range": [100, 800]},
+)
 # peers' settings chosen to span MAC fractions ~0.15-0.5 on models/digits-dit (50 DDIM steps, guidance 1.5)
-MAGCACHE_SETTINGS = ({"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},  # diffusers' defaults
-                     {"threshold": 0.24, "max_skip_steps": 3, "retention_ratio": 0.1},
-                     {"threshold": 0.8, "max_skip_steps": 8, "retention_ratio": 0.04})
+MAGCACHE_SETTINGS = (
+    {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},  # diffusers' defaults
+    {"threshold": 0.24, "max_skip_steps": 3, "retention_ratio": 0.1},
+    {"threshold": 0.8, "max_skip_steps": 8, "retention_ratio": 0.04},
+)
 MAGCACHE_CALIBRATION_IMAGES = 10  # labels 0..9, seeds from MAGCACHE_CALIBRATION_SEED on, none of the benchmark's
 MAGCACHE_CALIBRATION_SEED = 1_000_000
-SEACACHE_SETTINGS = ({"threshold": 0.25, "max_consecutive_cached": 2},  # diffusers' defaults
-                     {"threshold": 0.5, "max_consecutive_cached": 4},
-                     {"threshold": 0.75, "max_consecutive_cached": 8})
-CACHEDIT_SETTINGS = ({"threshold": 0.2, "max_warmup_steps": 4, "max_continuous_cached_steps": 2},
-                     {"threshold": 0.3, "max_warmup_steps": 4, "max_continuous_cached_steps": 3},
-                     {"threshold": 1.0, "max_warmup_steps": 4, "max_continuous_cached_steps": 6})
+SEACACHE_SETTINGS = (
+    {"threshold": 0.25, "max_consecutive_cached": 2},  # diffusers' defaults
+    {"threshold": 0.5, "max_consecutive_cached": 4},
+    {"threshold": 0.75, "max_consecutive_cached": 8},
+)
+CACHEDIT_SETTINGS = (
+    {"threshold": 0.2, "max_warmup_steps": 4, "max_continuous_cached_steps": 2},
+    {"threshold": 0.3, "max_warmup_steps": 4, "max_continuous_cached_steps": 3},
+    {"threshold": 1.0, "max_warmup_steps": 4, "max_continuous_cached_steps": 6},
+)
 ABLATION_MERGE_RATIO = 0.25
 ABLATION_MOTION_FRACTIONS = (0.75, 0.5)
 
@@ -107,8 +129,9 @@ def _fastcache_config(params: dict[str, Any] | None, use_calibration: bool, cali
     return FastCacheConfig(params=cache_params, use_calibration=use_calibration, calibration=calibration)
 
 
-def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
-                   pipe: Any = None) -> tuple[list[Variant], dict[str, Any]]:
+def build_variants(
+    transformer: torch.nn.Module, args: argparse.Namespace, pipe: Any = None
+) -> tuple[list[Variant], dict[str, Any]]:
     """The rows to measure, and facts about the calibration (for the report).
 
     ``pipe`` (the pipeline around ``transformer``) gives MagCache its calibration runs and the peers
@@ -123,18 +146,21 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
     drift_scale = probe.profile.drift_scale
     probe.remove()
     if args.tolerances is None:
-        args.tolerances = ([round(drift_scale * h * h, 6) for h in SWEEP_HORIZONS] if drift_scale
-                           else list(UNCALIBRATED_TOLERANCES))
+        args.tolerances = (
+            [round(drift_scale * h * h, 6) for h in SWEEP_HORIZONS] if drift_scale else list(UNCALIBRATED_TOLERANCES)
+        )
     tea_polynomial = "calibrated" if metadata.get("teacache_coefficients") else "identity"
     info = {"calibrated": calibrated, "default_params": defaults, "teacache_polynomial": tea_polynomial}
 
-    def fastcache(label: str, params: dict[str, Any], meta: dict[str, Any], use_calibration: bool = True,
-                  explicit: bool = True) -> Variant:
+    def fastcache(
+        label: str, params: dict[str, Any], meta: dict[str, Any], use_calibration: bool = True, explicit: bool = True
+    ) -> Variant:
         resolved = {**defaults, **params}
         effective_calibration = use_calibration and calibrated
         config_params = resolved if explicit else None
         return Variant(
-            "fastcache", label,
+            "fastcache",
+            label,
             {**meta, "calibrated": effective_calibration, **resolved},
             lambda t, p=config_params, u=use_calibration: apply_fastcache(t, _fastcache_config(p, u, args.calibration)),
             is_fastcache=True,
@@ -144,9 +170,11 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
     variants = [Variant("none", "uncached", {"setting": "reference"}, None, key=("none",))]
     tau = float(defaults["tolerance"])
     calibrated_tokens = defaults["motion_threshold"] > 0 or defaults["motion_fraction"] < 1
-    token_settings = ([{"motion_threshold": defaults["motion_threshold"], "motion_fraction": defaults["motion_fraction"]}]
-                      if calibrated_tokens else [{"motion_threshold": 0.0, "motion_fraction": f}
-                                                  for f in ABLATION_MOTION_FRACTIONS])
+    token_settings = (
+        [{"motion_threshold": defaults["motion_threshold"], "motion_fraction": defaults["motion_fraction"]}]
+        if calibrated_tokens
+        else [{"motion_threshold": 0.0, "motion_fraction": f} for f in ABLATION_MOTION_FRACTIONS]
+    )
     merge = defaults["merge_ratio"] if defaults["merge_ratio"] > 0 else ABLATION_MERGE_RATIO
 
     def token_label(tokens: dict[str, float]) -> str:
@@ -158,71 +186,122 @@ def build_variants(transformer: torch.nn.Module, args: argparse.Namespace,
     variants.append(fastcache(f"default (tau={tau:g})", {}, {"setting": "default"}, explicit=False))
     for t in args.tolerances:
         if not math.isclose(t, tau):
-            variants.append(fastcache(f"tau={t:g}", {"method": "fastcache", "tolerance": t},
-                                      {"setting": "tolerance_sweep"}))
-    variants.append(fastcache(
-        f"block cache only (tau={tau:g})",
-        {"method": "fastcache", "motion_threshold": 0.0, "motion_fraction": 1.0, "merge_ratio": 0.0},
-        {"setting": "ablation", "ablation": "block_cache_only"}))
+            variants.append(
+                fastcache(f"tau={t:g}", {"method": "fastcache", "tolerance": t}, {"setting": "tolerance_sweep"})
+            )
+    variants.append(
+        fastcache(
+            f"block cache only (tau={tau:g})",
+            {"method": "fastcache", "motion_threshold": 0.0, "motion_fraction": 1.0, "merge_ratio": 0.0},
+            {"setting": "ablation", "ablation": "block_cache_only"},
+        )
+    )
     for tokens in token_settings:
-        variants.append(fastcache(
-            f"token selection only, {token_label(tokens)} (tau=0)",
-            {"method": "fastcache", "tolerance": 0.0, "merge_ratio": 0.0, **tokens},
-            {"setting": "ablation", "ablation": "token_selection_only"}))
-        variants.append(fastcache(
-            f"block cache + {token_label(tokens)}",
-            {"method": "fastcache", "merge_ratio": 0.0, **tokens},
-            {"setting": "ablation", "ablation": "block_cache+token_selection"}))
-    variants.append(fastcache(
-        f"block cache + {token_label(token_settings[0])} + merge {merge:g}",
-        {"method": "fastcache", "merge_ratio": merge, **token_settings[0]},
-        {"setting": "ablation", "ablation": "block_cache+token_selection+merge"}))
-    variants.append(fastcache(
-        f"block cache + merge {merge:g}",
-        {"method": "fastcache", "merge_ratio": merge, "motion_threshold": 0.0, "motion_fraction": 1.0},
-        {"setting": "ablation", "ablation": "block_cache+merge"}))
-    variants.append(fastcache(
-        f"uncalibrated (tau={tau:g})", {"method": "fastcache"},
-        {"setting": "ablation", "ablation": "uncalibrated"}, use_calibration=False))
+        variants.append(
+            fastcache(
+                f"token selection only, {token_label(tokens)} (tau=0)",
+                {"method": "fastcache", "tolerance": 0.0, "merge_ratio": 0.0, **tokens},
+                {"setting": "ablation", "ablation": "token_selection_only"},
+            )
+        )
+        variants.append(
+            fastcache(
+                f"block cache + {token_label(tokens)}",
+                {"method": "fastcache", "merge_ratio": 0.0, **tokens},
+                {"setting": "ablation", "ablation": "block_cache+token_selection"},
+            )
+        )
+    variants.append(
+        fastcache(
+            f"block cache + {token_label(token_settings[0])} + merge {merge:g}",
+            {"method": "fastcache", "merge_ratio": merge, **token_settings[0]},
+            {"setting": "ablation", "ablation": "block_cache+token_selection+merge"},
+        )
+    )
+    variants.append(
+        fastcache(
+            f"block cache + merge {merge:g}",
+            {"method": "fastcache", "merge_ratio": merge, "motion_threshold": 0.0, "motion_fraction": 1.0},
+            {"setting": "ablation", "ablation": "block_cache+merge"},
+        )
+    )
+    variants.append(
+        fastcache(
+            f"uncalibrated (tau={tau:g})",
+            {"method": "fastcache"},
+            {"setting": "ablation", "ablation": "uncalibrated"},
+            use_calibration=False,
+        )
+    )
 
     # TaylorSeer as a per-sample method inside the cache (a request's choice in a shared batch), with
     # diffusers' warm-up of 3 computes so it matches diffusers' rows
     for skips in PER_SAMPLE_TAYLORSEER_SKIPS:
         params = {"method": "taylorseer", "tolerance": 1.0, "max_skip_steps": skips}
-        variants.append(Variant(
-            "taylorseer", f"per-sample interval={skips + 1} order=1",
-            {"implementation": "fastcache per-sample", "cache_interval": skips + 1, "warmup_steps": 3, **params},
-            lambda t, p=params: apply_fastcache(t, FastCacheConfig(params=CacheParams(**p), first_steps=3,
-                                                                   calibration=args.calibration)),
-            is_fastcache=True, key=("taylorseer-per-sample", skips)))
+        variants.append(
+            Variant(
+                "taylorseer",
+                f"per-sample interval={skips + 1} order=1",
+                {"implementation": "fastcache per-sample", "cache_interval": skips + 1, "warmup_steps": 3, **params},
+                lambda t, p=params: apply_fastcache(
+                    t, FastCacheConfig(params=CacheParams(**p), first_steps=3, calibration=args.calibration)
+                ),
+                is_fastcache=True,
+                key=("taylorseer-per-sample", skips),
+            )
+        )
 
     # TeaCache inside FastCache (per sample); its polynomial comes from the calibration when present
     for thr in args.teacache_thresholds:
         params = {"method": "teacache", "tolerance": thr}
-        variants.append(Variant(
-            "teacache", f"thr={thr:g} ({tea_polynomial} poly)",
-            {"setting": "threshold", "threshold": thr, "polynomial": tea_polynomial, **params},
-            lambda t, p=params: apply_fastcache(t, _fastcache_config(p, True, args.calibration)),
-            is_fastcache=True, key=("teacache", thr)))
+        variants.append(
+            Variant(
+                "teacache",
+                f"thr={thr:g} ({tea_polynomial} poly)",
+                {"setting": "threshold", "threshold": thr, "polynomial": tea_polynomial, **params},
+                lambda t, p=params: apply_fastcache(t, _fastcache_config(p, True, args.calibration)),
+                is_fastcache=True,
+                key=("teacache", thr),
+            )
+        )
 
     # diffusers' own hooks
     for thr in FBCACHE_THRESHOLDS:
-        variants.append(Variant("fbcache", f"diffusers thr={thr:g}",
-                                {"implementation": "diffusers", "threshold": thr},
-                                lambda t, thr=thr: apply_peer(t, "fbcache", threshold=thr), key=("fbcache", thr)))
+        variants.append(
+            Variant(
+                "fbcache",
+                f"diffusers thr={thr:g}",
+                {"implementation": "diffusers", "threshold": thr},
+                lambda t, thr=thr: apply_peer(t, "fbcache", threshold=thr),
+                key=("fbcache", thr),
+            )
+        )
     for setting in TAYLORSEER_SETTINGS:
-        variants.append(Variant(
-            "taylorseer", f"interval={setting['cache_interval']} order={setting['max_order']}",
-            {"implementation": "diffusers", **setting},
-            lambda t, s=setting: apply_peer(t, "taylorseer", **s), key=("taylorseer", tuple(setting.items()))))
+        variants.append(
+            Variant(
+                "taylorseer",
+                f"interval={setting['cache_interval']} order={setting['max_order']}",
+                {"implementation": "diffusers", **setting},
+                lambda t, s=setting: apply_peer(t, "taylorseer", **s),
+                key=("taylorseer", tuple(setting.items())),
+            )
+        )
     for setting in PAB_SETTINGS:
         low, high = setting["timestep_skip_range"]
-        variants.append(Variant(
-            "pab", f"skip range={setting['block_skip_range']} t in ({low},{high})",
-            {"implementation": "diffusers", **setting},
-            lambda t, s=setting: apply_peer(t, "pab", block_skip_range=s["block_skip_range"],
-                                            timestep_skip_range=tuple(s["timestep_skip_range"])),
-            key=("pab", setting["block_skip_range"], low, high)))
+        variants.append(
+            Variant(
+                "pab",
+                f"skip range={setting['block_skip_range']} t in ({low},{high})",
+                {"implementation": "diffusers", **setting},
+                lambda t, s=setting: apply_peer(
+                    t,
+                    "pab",
+                    block_skip_range=s["block_skip_range"],
+                    timestep_skip_range=tuple(s["timestep_skip_range"]),
+                ),
+                key=("pab", setting["block_skip_range"], low, high),
+            )
+        )
 
     variants.extend(_more_peer_variants(args, pipe))
 
@@ -243,34 +322,58 @@ def _more_peer_variants(args: argparse.Namespace, pipe: Any) -> list[Variant]:
     scheduler = pipe.scheduler
     # MagCache's magnitude ratios: calibrated once per run (on first use), on seeds the benchmark never uses
     bench_seeds = set(range(args.seed, args.seed + args.samples))
-    seeds = list(itertools.islice((s for s in itertools.count(MAGCACHE_CALIBRATION_SEED) if s not in bench_seeds),
-                                  MAGCACHE_CALIBRATION_IMAGES))
+    seeds = list(
+        itertools.islice(
+            (s for s in itertools.count(MAGCACHE_CALIBRATION_SEED) if s not in bench_seeds), MAGCACHE_CALIBRATION_IMAGES
+        )
+    )
     labels = [i % 10 for i in range(MAGCACHE_CALIBRATION_IMAGES)]
     mag = MagCacheCalibration(pipe, args.model, labels, seeds)
     calibration = {"calibration_images": len(seeds), "calibration_seeds": [seeds[0], seeds[-1]]}
     for s in MAGCACHE_SETTINGS:
-        variants.append(Variant(
-            "magcache", f"thr={s['threshold']:g} K={s['max_skip_steps']} retention={s['retention_ratio']:g}",
-            {"implementation": "diffusers", **s, **calibration},
-            lambda t, s=s: apply_peer(t, "magcache", mag_ratios=mag.ratios(args.steps, args.guidance),
-                                      scheduler=scheduler, **s),
-            key=("magcache", tuple(s.items()))))
+        variants.append(
+            Variant(
+                "magcache",
+                f"thr={s['threshold']:g} K={s['max_skip_steps']} retention={s['retention_ratio']:g}",
+                {"implementation": "diffusers", **s, **calibration},
+                lambda t, s=s: apply_peer(
+                    t, "magcache", mag_ratios=mag.ratios(args.steps, args.guidance), scheduler=scheduler, **s
+                ),
+                key=("magcache", tuple(s.items())),
+            )
+        )
     for s in SEACACHE_SETTINGS:
-        variants.append(Variant(
-            "seacache", f"thr={s['threshold']:g} max cached={s['max_consecutive_cached']} order=1",
-            {"implementation": "diffusers", "residual_order": 1, **s},
-            lambda t, s=s: apply_peer(t, "seacache", scheduler=scheduler, **s), key=("seacache", tuple(s.items()))))
+        variants.append(
+            Variant(
+                "seacache",
+                f"thr={s['threshold']:g} max cached={s['max_consecutive_cached']} order=1",
+                {"implementation": "diffusers", "residual_order": 1, **s},
+                lambda t, s=s: apply_peer(t, "seacache", scheduler=scheduler, **s),
+                key=("seacache", tuple(s.items())),
+            )
+        )
     unavailable = peer_unavailable_reason("cachedit")
     if unavailable:
         if "cachedit" in wanted:
             log.warning("cachedit rows skipped: %s", unavailable)
         return variants
     for s in CACHEDIT_SETTINGS:
-        variants.append(Variant(
-            "cachedit", f"DBCache F1B0 thr={s['threshold']:g} W={s['max_warmup_steps']} "
-                        f"max cached={s['max_continuous_cached_steps']} + TaylorSeer O1",
-            {"implementation": "cache-dit", "fn_compute_blocks": 1, "bn_compute_blocks": 0, "taylorseer_order": 1, **s},
-            lambda t, s=s: apply_peer(t, "cachedit", scheduler=scheduler, **s), key=("cachedit", tuple(s.items()))))
+        variants.append(
+            Variant(
+                "cachedit",
+                f"DBCache F1B0 thr={s['threshold']:g} W={s['max_warmup_steps']} "
+                f"max cached={s['max_continuous_cached_steps']} + TaylorSeer O1",
+                {
+                    "implementation": "cache-dit",
+                    "fn_compute_blocks": 1,
+                    "bn_compute_blocks": 0,
+                    "taylorseer_order": 1,
+                    **s,
+                },
+                lambda t, s=s: apply_peer(t, "cachedit", scheduler=scheduler, **s),
+                key=("cachedit", tuple(s.items())),
+            )
+        )
     return variants
 
 
@@ -290,8 +393,10 @@ class TransformerFlops:
         self.counter = flop_counter()
         self.total = 0
         self._depth = 0
-        self._hooks = [module.register_forward_pre_hook(self._enter, prepend=True),
-                       module.register_forward_hook(self._exit)]
+        self._hooks = [
+            module.register_forward_pre_hook(self._enter, prepend=True),
+            module.register_forward_hook(self._exit),
+        ]
 
     def _enter(self, *args: Any) -> None:
         self._depth += 1
@@ -325,13 +430,17 @@ class TransformerTimer:
         self.total = self.inside = 0.0
         self.forwards = 0
         self._started: dict[int, float] = {}
-        self._hooks = [transformer.register_forward_pre_hook(self._enter(-1), prepend=True),
-                       transformer.register_forward_hook(self._exit(-1, outer=True))]
+        self._hooks = [
+            transformer.register_forward_pre_hook(self._enter(-1), prepend=True),
+            transformer.register_forward_hook(self._exit(-1, outer=True)),
+        ]
         for block in adapter_for(transformer).blocks(transformer):
             for child in block.children():
                 key = id(child)
-                self._hooks += [child.register_forward_pre_hook(self._enter(key)),
-                                child.register_forward_hook(self._exit(key))]
+                self._hooks += [
+                    child.register_forward_pre_hook(self._enter(key)),
+                    child.register_forward_hook(self._exit(key)),
+                ]
 
     def _now(self) -> float:
         if self.cuda:
@@ -341,6 +450,7 @@ class TransformerTimer:
     def _enter(self, key: int) -> Callable[..., None]:
         def hook(*args: Any) -> None:
             self._started[key] = self._now()
+
         return hook
 
     def _exit(self, key: int, outer: bool = False) -> Callable[..., None]:
@@ -351,6 +461,7 @@ class TransformerTimer:
                 self.forwards += 1
             else:
                 self.inside += elapsed
+
         return hook
 
     def remove(self) -> None:
@@ -358,7 +469,7 @@ class TransformerTimer:
             hook.remove()
 
 
-def overhead_fraction(method: "TransformerTimer", reference: "TransformerTimer") -> float | None:
+def overhead_fraction(method: TransformerTimer, reference: TransformerTimer) -> float | None:
     """Share of the method's transformer wall-clock spent outside block math and outside the model's
     own non-block layers (embeddings, head: their per-forward time comes from the uncached run). The
     cache's approximation math counts as overhead, so this is an upper bound."""
@@ -373,14 +484,24 @@ def fastcache_margins(rows: list[dict[str, Any]]) -> list[float | None]:
     the row's PSNR (peer rows inside the sweep's MAC range only; ``None`` elsewhere)."""
     import numpy as np
 
-    curve = sorted((r["mac_fraction"], r["psnr_db"]) for r in rows if r["method"] == "fastcache"
-                   and r["params"].get("setting") in ("default", "tolerance_sweep")
-                   and r["mac_fraction"] is not None and r["psnr_db"] is not None)
+    curve = sorted(
+        (r["mac_fraction"], r["psnr_db"])
+        for r in rows
+        if r["method"] == "fastcache"
+        and r["params"].get("setting") in ("default", "tolerance_sweep")
+        and r["mac_fraction"] is not None
+        and r["psnr_db"] is not None
+    )
     margins: list[float | None] = []
     for r in rows:
         mac, value = r["mac_fraction"], r["psnr_db"]
-        if (r["method"] in ("none", "fastcache") or len(curve) < 2 or mac is None or value is None
-                or not curve[0][0] <= mac <= curve[-1][0]):
+        if (
+            r["method"] in ("none", "fastcache")
+            or len(curve) < 2
+            or mac is None
+            or value is None
+            or not curve[0][0] <= mac <= curve[-1][0]
+        ):
             margins.append(None)
             continue
         margins.append(float(np.interp(mac, [c[0] for c in curve], [c[1] for c in curve])) - value)
@@ -403,8 +524,14 @@ class ImageRunner:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def run(self, pipe, count: int | None = None, handle: Any = None, steps: int | None = None,
-            on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, float]:
+    def run(
+        self,
+        pipe,
+        count: int | None = None,
+        handle: Any = None,
+        steps: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, float]:
         """Images (n, c, h, w) float32 on CPU in [0, 1] for the first ``count`` samples, and seconds spent."""
         count = len(self.seeds) if count is None else count
         steps = steps or self.steps
@@ -416,8 +543,13 @@ class ImageRunner:
             generators = [torch.Generator().manual_seed(s) for s in self.seeds[start:stop]]
             self._sync()
             began = time.perf_counter()
-            out = pipe(class_labels=self.labels[start:stop], guidance_scale=self.guidance,
-                       num_inference_steps=steps, generator=generators, output_type="pt").images
+            out = pipe(
+                class_labels=self.labels[start:stop],
+                guidance_scale=self.guidance,
+                num_inference_steps=steps,
+                generator=generators,
+                output_type="pt",
+            ).images
             self._sync()
             seconds += time.perf_counter() - began
             images.append(out.float().cpu())
@@ -451,36 +583,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.cache",
         description="Speed, compute and fidelity of FastCache and its peers on a DiT pipeline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="DiTPipeline directory")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--samples", type=int, default=None,
-                        help="images per method (labels cycle 0..9); default 100, --quick 10")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="images per method (labels cycle 0..9); default 100, --quick 10"
+    )
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
-                        help="comma list among " + ", ".join(METHOD_NAMES) + " (the uncached reference always runs; "
-                             "cachedit needs the optional cache-dit package and is skipped without it)")
-    parser.add_argument("--tolerances", default=None,
-                        help="FastCache tolerance sweep (the default setting is added); default: the tolerances "
-                             "at which a typical sample settles at horizons 2..8 (calibrated model), else "
-                             + ",".join(f"{t:g}" for t in UNCALIBRATED_TOLERANCES))
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_NAMES),
+        help="comma list among " + ", ".join(METHOD_NAMES) + " (the uncached reference always runs; "
+        "cachedit needs the optional cache-dit package and is skipped without it)",
+    )
+    parser.add_argument(
+        "--tolerances",
+        default=None,
+        help="FastCache tolerance sweep (the default setting is added); default: the tolerances "
+        "at which a typical sample settles at horizons 2..8 (calibrated model), else "
+        + ",".join(f"{t:g}" for t in UNCALIBRATED_TOLERANCES),
+    )
     parser.add_argument("--teacache-thresholds", default=",".join(f"{t:g}" for t in DEFAULT_TEACACHE_THRESHOLDS))
-    parser.add_argument("--batch-size", type=int, default=None, help="images per pipeline call; default 16, --quick: all")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="images per pipeline call; default 16, --quick: all"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method; default 3, --quick 1")
-    parser.add_argument("--timing-samples", type=int, default=None,
-                        help="images per timed run (the first ones); default one batch")
+    parser.add_argument(
+        "--timing-samples", type=int, default=None, help="images per timed run (the first ones); default one batch"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (bf16 on CUDA)")
-    parser.add_argument("--judge", default=None,
-                        help="digit-classifier directory for class accuracy and FID (default <model>/classifier)")
-    parser.add_argument("--calibration", default=None,
-                        help="FastCache calibration file (default: the one next to the transformer, if any)")
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="digit-classifier directory for class accuracy and FID (default <model>/classifier)",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="FastCache calibration file (default: the one next to the transformer, if any)",
+    )
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     parser.add_argument("--plot", default=None, help="write the speedup-vs-PSNR Pareto plot (PNG) here")
-    parser.add_argument("--quick", action="store_true",
-                        help="10 images, one timed repeat, one batch: every row in minutes on a CPU")
+    parser.add_argument(
+        "--quick", action="store_true", help="10 images, one timed repeat, one batch: every row in minutes on a CPU"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a method left the images unchanged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -523,8 +673,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     import diffusers
     from diffusers import DiTPipeline
 
+    from models.pipeline_io import load_dit_pipeline
+
     diffusers.utils.logging.set_verbosity_error()
-    pipe = DiTPipeline.from_pretrained(model, dtype=dtype)
+    pipe = load_dit_pipeline(model, dtype=dtype)
     if not isinstance(pipe, DiTPipeline):
         raise SystemExit(f"{model} is not a DiTPipeline directory")
     pipe = pipe.to(device)
@@ -553,8 +705,14 @@ def load_judge(args: argparse.Namespace, sample_images: torch.Tensor):
 
     if sample_images.shape[1] == 1 and size == CANVAS_SIZE:
         return CanvasJudge(CanvasClassifier.load(directory))
-    log.warning("images of shape %s are neither %dx%d digits nor %dx%d canvases: class_accuracy and fid are null",
-                tuple(sample_images.shape[1:]), IMAGE_SIZE, IMAGE_SIZE, CANVAS_SIZE, CANVAS_SIZE)
+    log.warning(
+        "images of shape %s are neither %dx%d digits nor %dx%d canvases: class_accuracy and fid are null",
+        tuple(sample_images.shape[1:]),
+        IMAGE_SIZE,
+        IMAGE_SIZE,
+        CANVAS_SIZE,
+        CANVAS_SIZE,
+    )
     return None
 
 
@@ -575,29 +733,44 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     # ever touches the uncached reference pipeline
     from diffusers import DiTPipeline
 
-    bench_pipe = DiTPipeline(transformer=share_parameters_clone(ref_pipe.transformer), vae=ref_pipe.vae,
-                             scheduler=ref_pipe.scheduler)
+    bench_pipe = DiTPipeline(
+        transformer=share_parameters_clone(ref_pipe.transformer), vae=ref_pipe.vae, scheduler=ref_pipe.scheduler
+    )
     bench_pipe.set_progress_bar_config(disable=True)
 
     variants, info = build_variants(bench_pipe.transformer, args, pipe=bench_pipe)
-    gen = ImageRunner(labels=[i % 10 for i in range(args.samples)],
-                      seeds=[args.seed + i for i in range(args.samples)],
-                      steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, device=device)
+    gen = ImageRunner(
+        labels=[i % 10 for i in range(args.samples)],
+        seeds=[args.seed + i for i in range(args.samples)],
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        device=device,
+    )
     labels = torch.tensor(gen.labels)
     memory = PeakMemory(device)
     warm_steps = min(args.steps, 3)
 
-    print(f"# bench.cache\n\nmachine: {machine_description(device)}  \ncommand: `{command_line('bench.cache', argv)}`  \n"
-          f"model: {args.model} ({device}, {str(dtype).replace('torch.', '')}); steps {args.steps}, "
-          f"guidance {args.guidance}, {args.samples} images, timing {args.timing_samples} images x "
-          f"{args.repeats} repeat(s); FastCache calibrated: {info['calibrated']}; default params: "
-          f"{info['default_params']}\n", flush=True)
+    print(
+        f"# bench.cache\n\nmachine: {machine_description(device)}  \ncommand: `{command_line('bench.cache', argv)}`  \n"
+        f"model: {args.model} ({device}, {str(dtype).replace('torch.', '')}); steps {args.steps}, "
+        f"guidance {args.guidance}, {args.samples} images, timing {args.timing_samples} images x "
+        f"{args.repeats} repeat(s); FastCache calibrated: {info['calibrated']}; default params: "
+        f"{info['default_params']}\n",
+        flush=True,
+    )
 
     # one unit of work per image and method; each method's image count is spread over its runs
     per_method_units = args.samples + 2 * args.repeats * args.timing_samples
-    bar = tqdm(total=len(variants) * args.samples, desc="methods x samples", unit="img", file=sys.stderr,
-               disable=args.no_progress, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm(
+        total=len(variants) * args.samples,
+        desc="methods x samples",
+        unit="img",
+        file=sys.stderr,
+        disable=args.no_progress,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+    )
 
     done = {"units": 0, "shown": 0}
 
@@ -616,8 +789,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for variant in variants:
         bar.set_postfix_str(f"{variant.method}: {variant.label}")
         if variant.key in measured:
-            log.info("%s %s computes the same as an earlier row: reusing its measurement", variant.method,
-                     variant.label)
+            log.info(
+                "%s %s computes the same as an earlier row: reusing its measurement", variant.method, variant.label
+            )
             advance(0, whole_method=True)
             continue
         pipe = ref_pipe if variant.attach is None else bench_pipe
@@ -638,13 +812,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 for which in order:
                     if which == "ref":
                         ref_images, times["ref"] = gen.run(ref_pipe, count=args.timing_samples, on_batch=advance)
-                        if reference is not None and not torch.equal(ref_images, reference.images[:args.timing_samples]):
+                        if reference is not None and not torch.equal(
+                            ref_images, reference.images[: args.timing_samples]
+                        ):
                             log.warning("the uncached reference changed between runs: results are not comparable")
                     else:
                         with memory.window():
-                            timed_images, times["method"] = gen.run(pipe, count=args.timing_samples, handle=handle,
-                                                                    on_batch=advance)
-                        if not torch.equal(timed_images, images[:args.timing_samples]):
+                            timed_images, times["method"] = gen.run(
+                                pipe, count=args.timing_samples, handle=handle, on_batch=advance
+                            )
+                        if not torch.equal(timed_images, images[: args.timing_samples]):
                             result.deterministic = False
                 result.ratios.append(times["ref"] / max(times["method"], 1e-12))
                 result.method_seconds.append(times["method"])
@@ -691,8 +868,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             if torch.equal(result.images, reference.images):
                 params["flag"] = UNCHANGED_FLAG
                 note.append("UNCHANGED: never engaged")
-                log.warning("%s %s: images identical to uncached; its speed says nothing about caching",
-                            variant.method, variant.label)
+                log.warning(
+                    "%s %s: images identical to uncached; its speed says nothing about caching",
+                    variant.method,
+                    variant.label,
+                )
         if not result.deterministic:
             note.append("non-deterministic")
             log.warning("%s %s: timed images differ from the counted run's", variant.method, variant.label)
@@ -715,27 +895,61 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
         notes.append((variant.label, "; ".join(note)))
 
-    for row, margin in zip(rows, fastcache_margins(rows)):
+    for row, margin in zip(rows, fastcache_margins(rows), strict=True):
         row["fastcache_margin_db"] = clean_number(margin, 3)
     ref_per_image = statistics.median(reference.reference_seconds) / args.timing_samples
     noise = statistics.median(reference.ratios)  # the uncached pipeline timed against itself
-    print(markdown_table(
-        ["method", "setting", "speedup", "MAC fraction", "PSNR dB", "FastCache margin dB", "overhead", "SSIM",
-         "class acc", "FID", "peak mem MiB", "note"],
-        [[r["method"], label, fmt(r["speedup"], 2), fmt(r["mac_fraction"], 3), fmt(r["psnr_db"], 2),
-          fmt(r["fastcache_margin_db"], 2), fmt(r["overhead_fraction"], 3), fmt(r["ssim"], 4),
-          fmt(r["class_accuracy"], 3), fmt(r["fid"], 2), f"{r['peak_mem_bytes'] / 2**20:.0f}", note]
-         for r, (label, note) in zip(rows, notes)]))
-    print(f"\nuncached: {ref_per_image:.3f} s per image (batches of {args.batch_size}); "
-          f"uncached vs itself (timing noise): {noise:.3f}; benchmark took {elapsed:.0f} s. "
-          f"PSNR 100 dB = identical images. "
-          f"Peak memory: {'CUDA max allocated' if device.startswith('cuda') else 'process RSS (CPU)'}.")
+    print(
+        markdown_table(
+            [
+                "method",
+                "setting",
+                "speedup",
+                "MAC fraction",
+                "PSNR dB",
+                "FastCache margin dB",
+                "overhead",
+                "SSIM",
+                "class acc",
+                "FID",
+                "peak mem MiB",
+                "note",
+            ],
+            [
+                [
+                    r["method"],
+                    label,
+                    fmt(r["speedup"], 2),
+                    fmt(r["mac_fraction"], 3),
+                    fmt(r["psnr_db"], 2),
+                    fmt(r["fastcache_margin_db"], 2),
+                    fmt(r["overhead_fraction"], 3),
+                    fmt(r["ssim"], 4),
+                    fmt(r["class_accuracy"], 3),
+                    fmt(r["fid"], 2),
+                    f"{r['peak_mem_bytes'] / 2**20:.0f}",
+                    note,
+                ]
+                for r, (label, note) in zip(rows, notes, strict=True)
+            ],
+        )
+    )
+    print(
+        f"\nuncached: {ref_per_image:.3f} s per image (batches of {args.batch_size}); "
+        f"uncached vs itself (timing noise): {noise:.3f}; benchmark took {elapsed:.0f} s. "
+        f"PSNR 100 dB = identical images. "
+        f"Peak memory: {'CUDA max allocated' if device.startswith('cuda') else 'process RSS (CPU)'}."
+    )
     if args.json:
         write_json(args.json, rows)
     if args.plot:
-        plot_pareto(rows, [label for label, _ in notes], args.plot,
-                    title=f"{Path(args.model.rstrip('/')).name}: {args.steps} steps, {args.samples} images")
-    flagged = [f"{r['method']} {label}" for r, (label, _) in zip(rows, notes) if "flag" in r["params"]]
+        plot_pareto(
+            rows,
+            [label for label, _ in notes],
+            args.plot,
+            title=f"{Path(args.model.rstrip('/')).name}: {args.steps} steps, {args.samples} images",
+        )
+    flagged = [f"{r['method']} {label}" for r, (label, _) in zip(rows, notes, strict=True) if "flag" in r["params"]]
     if flagged and args.strict:
         print(f"error: unchanged output for {', '.join(flagged)}", file=sys.stderr)
         raise SystemExit(1)
@@ -747,23 +961,47 @@ def plot_pareto(rows: list[dict[str, Any]], labels: list[str], path: str, title:
     ablations as separate markers) and the Pareto front over all rows as a dashed line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=120)
-    colors = {"fastcache": "tab:red", "teacache": "tab:blue", "fbcache": "tab:green", "taylorseer": "tab:purple",
-              "pab": "tab:orange", "magcache": "tab:brown", "seacache": "tab:pink", "cachedit": "tab:olive"}
-    points = [(r, label) for r, label in zip(rows, labels) if r["method"] != "none" and r["speedup"] is not None
-              and r["psnr_db"] is not None]
+    colors = {
+        "fastcache": "tab:red",
+        "teacache": "tab:blue",
+        "fbcache": "tab:green",
+        "taylorseer": "tab:purple",
+        "pab": "tab:orange",
+        "magcache": "tab:brown",
+        "seacache": "tab:pink",
+        "cachedit": "tab:olive",
+    }
+    points = [
+        (r, label)
+        for r, label in zip(rows, labels, strict=True)
+        if r["method"] != "none" and r["speedup"] is not None and r["psnr_db"] is not None
+    ]
     for method, color in colors.items():
-        line = sorted([(r["speedup"], r["psnr_db"]) for r, _ in points
-                       if r["method"] == method and r["params"].get("setting") != "ablation"])
+        line = sorted(
+            [
+                (r["speedup"], r["psnr_db"])
+                for r, _ in points
+                if r["method"] == method and r["params"].get("setting") != "ablation"
+            ]
+        )
         if line:
             ax.plot([p[0] for p in line], [p[1] for p in line], "o-", color=color, label=method, alpha=0.9)
-        for r, label in points:
+        for r, _label in points:
             if r["method"] == method and r["params"].get("setting") == "default":
                 ax.plot(r["speedup"], r["psnr_db"], "*", color=color, markersize=14, label="fastcache default")
     markers = iter("sD^vP<>Xh")
     for r, label in points:
         if r["params"].get("setting") == "ablation":
-            ax.plot(r["speedup"], r["psnr_db"], next(markers, "x"), color="tab:red", alpha=0.6, markersize=8,
-                    linestyle="none", label=f"ablation: {label}")
+            ax.plot(
+                r["speedup"],
+                r["psnr_db"],
+                next(markers, "x"),
+                color="tab:red",
+                alpha=0.6,
+                markersize=8,
+                linestyle="none",
+                label=f"ablation: {label}",
+            )
     front, best = [], -math.inf
     for s, p in sorted(((r["speedup"], r["psnr_db"]) for r, _ in points), key=lambda x: (-x[0], -x[1])):
         if p > best:

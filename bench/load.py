@@ -45,9 +45,11 @@ class Child:
         self.name = name
         self.args = args
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     start_new_session=True)
+        # the child writes through its own copy of the descriptor; ours can close once it has started
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+            )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -66,7 +68,6 @@ class Child:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self._log.close()
 
 
 def _ok(url: str) -> bool:
@@ -93,32 +94,86 @@ class Cluster:
         a = self.args
         python = a.python or sys.executable
         env = dict(os.environ)
-        env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(a.threads),
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))})
-        common = ["--model", str(a.model), "--max-batch-size", str(self.max_batch_size), "--threads",
-                  str(a.threads), "--log-level", "warning"]
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": str(a.threads),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+            }
+        )
+        common = [
+            "--model",
+            str(a.model),
+            "--max-batch-size",
+            str(self.max_batch_size),
+            "--threads",
+            str(a.threads),
+            "--log-level",
+            "warning",
+        ]
         if a.device:
             common += ["--device", a.device]
         self.queue = a.queue
         if a.start_redis:
             binary = shutil.which("redis-server") or "/usr/bin/redis-server"
             port = free_port()
-            self.children.append(Child(f"{self.name}-redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
-                                                              "--save", "", "--appendonly", "no"], env, self.log_dir))
+            self.children.append(
+                Child(
+                    f"{self.name}-redis",
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                    env,
+                    self.log_dir,
+                )
+            )
             self.queue = f"redis://127.0.0.1:{port}/0"
             self._wait(lambda: _redis_ping(self.queue), 30, "redis-server")
         if self.queue != "local":
             for i in range(a.workers):
                 port = free_port()
                 self.worker_urls.append(f"http://127.0.0.1:{port}")
-                self.children.append(Child(f"{self.name}-worker{i}", [
-                    python, "-m", "service.worker", "--redis", self.queue, "--host", "127.0.0.1",
-                    "--metrics-port", str(port), *common], env, self.log_dir))
+                self.children.append(
+                    Child(
+                        f"{self.name}-worker{i}",
+                        [
+                            python,
+                            "-m",
+                            "service.worker",
+                            "--redis",
+                            self.queue,
+                            "--host",
+                            "127.0.0.1",
+                            "--metrics-port",
+                            str(port),
+                            *common,
+                        ],
+                        env,
+                        self.log_dir,
+                    )
+                )
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.children.append(Child(f"{self.name}-api", [
-            python, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--queue", self.queue,
-            "--max-queue", str(a.max_queue), *common], env, self.log_dir))
+        self.children.append(
+            Child(
+                f"{self.name}-api",
+                [
+                    python,
+                    "-m",
+                    "service",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--queue",
+                    self.queue,
+                    "--max-queue",
+                    str(a.max_queue),
+                    *common,
+                ],
+                env,
+                self.log_dir,
+            )
+        )
 
     def wait_ready(self, timeout: float) -> None:
         for url in self.worker_urls:
@@ -132,8 +187,9 @@ class Cluster:
                 return
             dead = [c for c in self.children if not c.alive()]
             if dead:
-                raise RuntimeError(f"{self.name}: {dead[0].name} exited with {dead[0].proc.returncode}:\n"
-                                   f"{dead[0].tail()}")
+                raise RuntimeError(
+                    f"{self.name}: {dead[0].name} exited with {dead[0].proc.returncode}:\n{dead[0].tail()}"
+                )
             time.sleep(0.2)
         logs = "\n".join(f"--- {c.name}\n{c.tail(1500)}" for c in self.children)
         raise RuntimeError(f"{self.name}: {what} not ready after {timeout:.0f} s\n{logs}")
@@ -168,8 +224,12 @@ class Outcome:
 
 
 def request_body(i: int, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": str(i % 10), "n": args.n, "seed": args.seed + 1000 * i,
-                            "timeout_seconds": float(args.timeout)}
+    body: dict[str, Any] = {
+        "prompt": str(i % 10),
+        "n": args.n,
+        "seed": args.seed + 1000 * i,
+        "timeout_seconds": float(args.timeout),
+    }
     if args.steps:
         body["steps"] = args.steps
     if args.guidance is not None:
@@ -192,8 +252,9 @@ async def _send(client: httpx.AsyncClient, body: dict[str, Any], scheduled: floa
         return Outcome(scheduled, sent, loop.time(), 0, [], f"{type(error).__name__}: {error}")
 
 
-async def open_loop(url: str, rate: float, count: int, args: argparse.Namespace, seed: int,
-                    bodies: list[dict[str, Any]] | None = None) -> tuple[list[Outcome], float]:
+async def open_loop(
+    url: str, rate: float, count: int, args: argparse.Namespace, seed: int, bodies: list[dict[str, Any]] | None = None
+) -> tuple[list[Outcome], float]:
     """Send ``count`` requests (``bodies``, or drawn from ``args``) at Poisson arrivals of ``rate`` per second;
     return the outcomes in request order and the start."""
     rng = random.Random(seed)
@@ -209,14 +270,15 @@ async def open_loop(url: str, rate: float, count: int, args: argparse.Namespace,
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout + 60, limits=limits) as client:
         start = loop.time()
         tasks = []
-        for at, body in zip(arrivals, bodies):
+        for at, body in zip(arrivals, bodies, strict=True):
             delay = start + at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(_send(client, body, start + at, loop)))
         outcomes = await asyncio.gather(*tasks)
-    return [Outcome(o.scheduled - start, o.sent - start, o.done - start, o.status, o.images, o.error)
-            for o in outcomes], start
+    return [
+        Outcome(o.scheduled - start, o.sent - start, o.done - start, o.status, o.images, o.error) for o in outcomes
+    ], start
 
 
 async def sequential(url: str, count: int, args: argparse.Namespace) -> list[Outcome]:
@@ -229,5 +291,3 @@ async def sequential(url: str, count: int, args: argparse.Namespace) -> list[Out
             began = loop.time()
             outcomes.append(await _send(client, body, began, loop))
     return outcomes
-
-

@@ -27,10 +27,12 @@ Every handle has ``remove()`` and ``forwards`` (transformer calls seen), like ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,7 +133,9 @@ class PeerHandle:
                 max_order=params.get("max_order", 1),
                 taylor_factors_dtype=params.get("taylor_factors_dtype", torch.float32),
                 # diffusers' default patterns ("...attn") miss DiT/PixArt's "attn1"; predict whole blocks
-                cache_identifiers=params.get("cache_identifiers", [r"^(transformer_blocks|single_transformer_blocks)\.\d+$"]),
+                cache_identifiers=params.get(
+                    "cache_identifiers", [r"^(transformer_blocks|single_transformer_blocks)\.\d+$"]
+                ),
             )
             apply_taylorseer_cache(self.transformer, config)
             self._hook_names = [_TAYLORSEER_CACHE_HOOK]
@@ -255,10 +259,8 @@ class PeerHandle:
             elif callable(item):  # functools.partial, bound methods, closures of the installed forward
                 pending.extend(getattr(item, attr) for attr in ("func", "__func__") if hasattr(item, attr))
                 for cell in getattr(item, "__closure__", None) or ():
-                    try:
+                    with contextlib.suppress(ValueError):  # an empty cell
                         pending.append(cell.cell_contents)
-                    except ValueError:  # an empty cell
-                        pass
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -297,8 +299,9 @@ class PeerHandle:
             import cache_dit
 
             cache_config, calibrator = self._cachedit_configs(self._run_steps)
-            cache_dit.refresh_context(self.transformer, cache_config=cache_config,
-                                      calibrator_config=copy.deepcopy(calibrator))
+            cache_dit.refresh_context(
+                self.transformer, cache_config=cache_config, calibrator_config=copy.deepcopy(calibrator)
+            )
 
     def _sigma(self, timestep: float) -> float | None:
         """The flow-matching noise level with the same signal-to-noise ratio as the scheduler at ``timestep``.
@@ -329,9 +332,12 @@ class PeerHandle:
         self._timestep = t
         self.forwards += 1
         if self._hook_names:
-            _set_cache_context(self.transformer, CacheContext(
-                "cond", step_index=self._step, num_inference_steps=self._run_steps, timestep=t,
-                sigma=self._sigma(t)))
+            _set_cache_context(
+                self.transformer,
+                CacheContext(
+                    "cond", step_index=self._step, num_inference_steps=self._run_steps, timestep=t, sigma=self._sigma(t)
+                ),
+            )
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
         from diffusers.hooks.hooks import _set_cache_context
@@ -392,8 +398,9 @@ def apply_peer(transformer: nn.Module, method: str, **params: Any) -> PeerHandle
 
 
 @torch.no_grad()
-def calibrate_magcache(pipe: Any, *, num_inference_steps: int, guidance_scale: float, labels: Sequence[int],
-                       seeds: Sequence[int]) -> list[float]:
+def calibrate_magcache(
+    pipe: Any, *, num_inference_steps: int, guidance_scale: float, labels: Sequence[int], seeds: Sequence[int]
+) -> list[float]:
     """MagCache's magnitude ratios for ``pipe``'s transformer, the way MagCache calibrates: one run per
     image with the hook in calibration mode (nothing skipped), ratio at step i = mean over tokens of
     ``||r_i|| / ||r_(i-1)||`` with ``r`` the residual of the whole block stack (1.0 at step 0), then the
@@ -402,14 +409,21 @@ def calibrate_magcache(pipe: Any, *, num_inference_steps: int, guidance_scale: f
     handle = apply_peer(pipe.transformer, "magcache", calibrate=True)
     try:
         for label, seed in zip(labels, seeds, strict=True):
-            pipe(class_labels=[label], guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                 generator=torch.Generator().manual_seed(seed), output_type="pt")
+            pipe(
+                class_labels=[label],
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+            )
     finally:
         handle.remove()
     runs = handle.calibration_runs
     if len(runs) != len(labels) or any(len(run) != num_inference_steps for run in runs):
-        raise RuntimeError(f"MagCache calibration expected {len(labels)} runs of {num_inference_steps} ratios, "
-                           f"got {[len(run) for run in runs]}")
+        raise RuntimeError(
+            f"MagCache calibration expected {len(labels)} runs of {num_inference_steps} ratios, "
+            f"got {[len(run) for run in runs]}"
+        )
     return torch.tensor(runs, dtype=torch.float64).mean(dim=0).tolist()
 
 
@@ -430,7 +444,11 @@ class MagCacheCalibration:
     def ratios(self, num_inference_steps: int, guidance_scale: float) -> list[float]:
         key = (self.model, int(num_inference_steps), float(guidance_scale))
         if key not in self._ratios:
-            self._ratios[key] = calibrate_magcache(self.pipe, num_inference_steps=num_inference_steps,
-                                                   guidance_scale=guidance_scale, labels=self.labels,
-                                                   seeds=self.seeds)
+            self._ratios[key] = calibrate_magcache(
+                self.pipe,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                labels=self.labels,
+                seeds=self.seeds,
+            )
         return self._ratios[key]

@@ -29,11 +29,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from bench.load import MIXED_CACHE, Cluster, Outcome, open_loop, sequential
-from bench.serve_mix import MIXES, main_mix
 from bench.common import (
     DEFAULT_MODEL,
     clean_number,
@@ -45,6 +44,8 @@ from bench.common import (
     pyplot,
     write_json,
 )
+from bench.load import MIXED_CACHE, Cluster, Outcome, open_loop, sequential
+from bench.serve_mix import MIXES, main_mix
 
 DEFAULT_LOAD_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 QUICK_LOAD_FACTORS = (0.5, 1.5, 4.0)
@@ -55,7 +56,9 @@ def summarize(name: str, max_batch_size: int, rate: float, outcomes: list[Outcom
     latencies = [o.done - o.scheduled for o in ok]
     images = [img for o in ok for img in o.images]
     steps_batches = [b for img in images for b in img["stats"].get("batch_sizes", [])]
-    per_image_mean = [statistics.fmean(img["stats"]["batch_sizes"]) for img in images if img["stats"].get("batch_sizes")]
+    per_image_mean = [
+        statistics.fmean(img["stats"]["batch_sizes"]) for img in images if img["stats"].get("batch_sizes")
+    ]
     first = min((o.scheduled for o in outcomes), default=0.0)
     last = max((o.done for o in ok), default=first)
     span = last - first
@@ -77,9 +80,11 @@ def summarize(name: str, max_batch_size: int, rate: float, outcomes: list[Outcom
         "latency_p99_s": clean_number(percentile(latencies, 99), 4),
         "latency_mean_s": clean_number(statistics.fmean(latencies), 4) if latencies else None,
         "queue_wait_mean_s": clean_number(statistics.fmean(i["stats"]["queue_wait_seconds"] for i in images), 4)
-        if images else None,
+        if images
+        else None,
         "compute_mean_s": clean_number(statistics.fmean(i["stats"]["compute_seconds"] for i in images), 4)
-        if images else None,
+        if images
+        else None,
         "batch_size_mean": clean_number(statistics.fmean(steps_batches), 3) if steps_batches else None,
         "batch_size_mean_per_image": clean_number(statistics.fmean(per_image_mean), 3) if per_image_mean else None,
         "batch_size_max": max(steps_batches) if steps_batches else None,
@@ -96,49 +101,82 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve",
         description="Throughput and latency of the service under open-loop Poisson load, one at a time vs batched.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory the service loads")
     parser.add_argument("--batch-sizes", default="1,8", help="--max-batch-size of each configuration compared")
-    parser.add_argument("--rates", default=None, help="arrival rates in requests/s (comma list); default: "
-                        "--load-factors x the measured one-at-a-time capacity")
-    parser.add_argument("--load-factors", default=None,
-                        help=f"rates as multiples of one-at-a-time capacity; default "
-                             f"{','.join(map(str, DEFAULT_LOAD_FACTORS))}, --quick {','.join(map(str, QUICK_LOAD_FACTORS))}")
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help="arrival rates in requests/s (comma list); default: --load-factors x the measured one-at-a-time capacity",
+    )
+    parser.add_argument(
+        "--load-factors",
+        default=None,
+        help=f"rates as multiples of one-at-a-time capacity; default "
+        f"{','.join(map(str, DEFAULT_LOAD_FACTORS))}, --quick {','.join(map(str, QUICK_LOAD_FACTORS))}",
+    )
     parser.add_argument("--requests", type=int, default=None, help="requests per rate; default 64, --quick 16")
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per request (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--cache", type=json.loads, default={},
-                        help="cache settings of every request, JSON (default {}: the model's FastCache default)")
-    parser.add_argument("--mixed-cache", action="store_true",
-                        help="each request draws its cache settings from: " + "; ".join(json.dumps(c) for c in MIXED_CACHE))
+    parser.add_argument(
+        "--cache",
+        type=json.loads,
+        default={},
+        help="cache settings of every request, JSON (default {}: the model's FastCache default)",
+    )
+    parser.add_argument(
+        "--mixed-cache",
+        action="store_true",
+        help="each request draws its cache settings from: " + "; ".join(json.dumps(c) for c in MIXED_CACHE),
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--queue", default="local", help="'local' (in-process queue) or a redis:// URL")
-    parser.add_argument("--start-redis", action="store_true",
-                        help="start a throwaway redis-server per configuration (implies the Redis queue)")
+    parser.add_argument(
+        "--start-redis",
+        action="store_true",
+        help="start a throwaway redis-server per configuration (implies the Redis queue)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes per configuration (Redis queue)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of each server/worker")
     parser.add_argument("--device", default=None, help="--device passed to the service (default: its auto)")
     parser.add_argument("--max-queue", type=int, default=1024, help="the service's --max-queue")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
-    parser.add_argument("--warmup", type=int, default=5,
-                        help="sequential requests per configuration before measuring (the capacity probe)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="sequential requests per configuration before measuring (the capacity probe)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
-    parser.add_argument("--overlap-startup", action="store_true",
-                        help="start every configuration at once (shorter; each holds its own model copy); "
-                             "implied by --quick unless an external Redis URL is shared")
+    parser.add_argument(
+        "--overlap-startup",
+        action="store_true",
+        help="start every configuration at once (shorter; each holds its own model copy); "
+        "implied by --quick unless an external Redis URL is shared",
+    )
     parser.add_argument("--python", default=None, help="interpreter for the service (default: this one)")
     parser.add_argument("--logs", default=None, help="keep the service logs in this directory")
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--plot", default=None, help="write the latency-vs-throughput plot (PNG) here")
     parser.add_argument("--quick", action="store_true", help="3 rates x 16 requests: minutes on a CPU")
-    parser.add_argument("--mix", nargs="?", const=",".join(MIXES), default=None,
-                        help=f"mixed traffic instead: measure mixed_efficiency and latency per request kind for "
-                             f"these mixes (comma list of {', '.join(MIXES)}; all when given alone); see bench/README.md")
-    parser.add_argument("--mix-sizes", default=None,
-                        help="--mix resolutions: the common and the rarer size, e.g. 32,48; unset: native and 1.5x native")
-    parser.add_argument("--mix-load", type=float, default=0.8,
-                        help="--mix: latency is measured at this fraction of the capacity")
+    parser.add_argument(
+        "--mix",
+        nargs="?",
+        const=",".join(MIXES),
+        default=None,
+        help=f"mixed traffic instead: measure mixed_efficiency and latency per request kind for "
+        f"these mixes (comma list of {', '.join(MIXES)}; all when given alone); see bench/README.md",
+    )
+    parser.add_argument(
+        "--mix-sizes",
+        default=None,
+        help="--mix resolutions: the common and the rarer size, e.g. 32,48; unset: native and 1.5x native",
+    )
+    parser.add_argument(
+        "--mix-load", type=float, default=0.8, help="--mix: latency is measured at this fraction of the capacity"
+    )
     args = parser.parse_args(argv)
     if args.mix is not None:
         args.mix = [m.strip() for m in args.mix.split(",") if m.strip()]
@@ -160,8 +198,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error("--batch-sizes needs positive integers")
     args.rates = [float(r) for r in args.rates.split(",")] if args.rates else None
-    factors = args.load_factors.split(",") if args.load_factors else (QUICK_LOAD_FACTORS if args.quick
-                                                                         else DEFAULT_LOAD_FACTORS)
+    factors = (
+        args.load_factors.split(",")
+        if args.load_factors
+        else (QUICK_LOAD_FACTORS if args.quick else DEFAULT_LOAD_FACTORS)
+    )
     args.load_factors = [float(f) for f in factors]
     if args.requests is None:
         args.requests = 16 if args.quick else 64
@@ -196,10 +237,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"# bench.serve\n\nmachine: {machine_description(device, args.threads)}  \ncommand: `{command_line('bench.serve', argv)}`  \n"
-          f"model: {args.model}; queue: {mode}{f' ({args.workers} worker(s))' if mode == 'redis' else ''}; "
-          f"{args.n} image(s)/request; steps: {args.steps or 'model default'}; cache: "
-          f"{'mixed' if args.mixed_cache else json.dumps(args.cache)}; {args.requests} requests per rate\n", flush=True)
+    print(
+        f"# bench.serve\n\nmachine: {machine_description(device, args.threads)}  \n"
+        f"command: `{command_line('bench.serve', argv)}`  \n"
+        f"model: {args.model}; queue: {mode}{f' ({args.workers} worker(s))' if mode == 'redis' else ''}; "
+        f"{args.n} image(s)/request; steps: {args.steps or 'model default'}; cache: "
+        f"{'mixed' if args.mixed_cache else json.dumps(args.cache)}; {args.requests} requests per rate\n",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     single_seconds: float | None = None
     rates = args.rates
@@ -237,8 +282,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 outcomes, _ = asyncio.run(open_loop(cluster.url, rate, args.requests, args, args.seed + index))
                 row = summarize(cluster.name, cluster.max_batch_size, rate, outcomes, args.n)
                 rows.append(row)
-                _progress(f"  -> {row['throughput_images_per_s']} img/s, p50 {row['latency_p50_s']} s, "
-                          f"p99 {row['latency_p99_s']} s, mean batch {row['batch_size_mean']}, failed {row['failed']}")
+                _progress(
+                    f"  -> {row['throughput_images_per_s']} img/s, p50 {row['latency_p50_s']} s, "
+                    f"p99 {row['latency_p99_s']} s, mean batch {row['batch_size_mean']}, failed {row['failed']}"
+                )
             if not args.overlap_startup:
                 cluster.stop()
     except BaseException:
@@ -251,33 +298,77 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.logs:
         shutil.rmtree(log_dir, ignore_errors=True)
 
-    best = {c.max_batch_size: max((r["throughput_images_per_s"] or 0.0 for r in rows if r["config"] == c.name),
-                                  default=0.0) for c in clusters}
+    best = {
+        c.max_batch_size: max((r["throughput_images_per_s"] or 0.0 for r in rows if r["config"] == c.name), default=0.0)
+        for c in clusters
+    }
     low, high = min(best), max(best)
     ratio = clean_number(best[high] / best[low], 4) if low == 1 and high > 1 and best[low] > 0 else None
     result = {
         "throughput_ratio_batched_vs_single": ratio,
         "best_throughput_images_per_s": {f"batch{k}": v for k, v in best.items()},
         "rows": rows,
-        "configs": [{"config": c.name, "max_batch_size": c.max_batch_size, "queue": mode,
-                     "workers": args.workers if mode == "redis" else 0} for c in clusters],
-        "settings": {"model": str(args.model), "requests_per_rate": args.requests, "images_per_request": args.n,
-                     "steps": args.steps, "guidance_scale": args.guidance, "mixed_cache": args.mixed_cache,
-                     "cache": args.cache, "rates_rps": rates, "load_factors": None if args.rates else args.load_factors,
-                     "single_request_seconds": clean_number(single_seconds, 4), "threads": args.threads},
+        "configs": [
+            {
+                "config": c.name,
+                "max_batch_size": c.max_batch_size,
+                "queue": mode,
+                "workers": args.workers if mode == "redis" else 0,
+            }
+            for c in clusters
+        ],
+        "settings": {
+            "model": str(args.model),
+            "requests_per_rate": args.requests,
+            "images_per_request": args.n,
+            "steps": args.steps,
+            "guidance_scale": args.guidance,
+            "mixed_cache": args.mixed_cache,
+            "cache": args.cache,
+            "rates_rps": rates,
+            "load_factors": None if args.rates else args.load_factors,
+            "single_request_seconds": clean_number(single_seconds, 4),
+            "threads": args.threads,
+        },
         "machine": machine_description(device, args.threads),
         "command": command_line("bench.serve", argv),
         "seconds": round(time.time() - started, 1),
     }
-    print(markdown_table(
-        ["config", "rate req/s", "throughput img/s", "p50 s", "p95 s", "p99 s", "queue wait s", "mean batch",
-         "max batch", "ok/sent"],
-        [[r["config"], fmt(r["rate_rps"], 3), fmt(r["throughput_images_per_s"], 3), fmt(r["latency_p50_s"], 3),
-          fmt(r["latency_p95_s"], 3), fmt(r["latency_p99_s"], 3), fmt(r["queue_wait_mean_s"], 3),
-          fmt(r["batch_size_mean"], 2), fmt(r["batch_size_max"]), f"{r['completed']}/{r['requests']}"]
-         for r in rows]))
-    print(f"\nthroughput batched vs one at a time: {fmt(ratio, 2)}x (best img/s per config: "
-          f"{result['best_throughput_images_per_s']}); took {result['seconds']:.0f} s")
+    print(
+        markdown_table(
+            [
+                "config",
+                "rate req/s",
+                "throughput img/s",
+                "p50 s",
+                "p95 s",
+                "p99 s",
+                "queue wait s",
+                "mean batch",
+                "max batch",
+                "ok/sent",
+            ],
+            [
+                [
+                    r["config"],
+                    fmt(r["rate_rps"], 3),
+                    fmt(r["throughput_images_per_s"], 3),
+                    fmt(r["latency_p50_s"], 3),
+                    fmt(r["latency_p95_s"], 3),
+                    fmt(r["latency_p99_s"], 3),
+                    fmt(r["queue_wait_mean_s"], 3),
+                    fmt(r["batch_size_mean"], 2),
+                    fmt(r["batch_size_max"]),
+                    f"{r['completed']}/{r['requests']}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(
+        f"\nthroughput batched vs one at a time: {fmt(ratio, 2)}x (best img/s per config: "
+        f"{result['best_throughput_images_per_s']}); took {result['seconds']:.0f} s"
+    )
     if args.json:
         write_json(args.json, result)
     if args.plot:
@@ -296,8 +387,11 @@ def plot_latency(rows: list[dict[str, Any]], path: str, title: str = "") -> None
     configs = list(dict.fromkeys(r["config"] for r in rows))
     for i, config in enumerate(configs):
         color = f"C{i}"
-        points = sorted((r["throughput_images_per_s"], r["latency_p50_s"], r["latency_p95_s"], r["rate_rps"])
-                        for r in rows if r["config"] == config and r["latency_p50_s"] is not None)
+        points = sorted(
+            (r["throughput_images_per_s"], r["latency_p50_s"], r["latency_p95_s"], r["rate_rps"])
+            for r in rows
+            if r["config"] == config and r["latency_p50_s"] is not None
+        )
         if not points:
             continue
         xs = [p[0] for p in points]

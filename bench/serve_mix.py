@@ -64,26 +64,35 @@ def mix_kinds(mix: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             native, multiple = model_sizes(args.model)
             common, rare = native, max(multiple, round(1.5 * native / multiple) * multiple)
-        return [{"kind": f"{common}x{common}", "weight": COMMON_WEIGHT, "fields": {"width": common, "height": common}},
-                {"kind": f"{rare}x{rare}", "weight": RARE_WEIGHT, "fields": {"width": rare, "height": rare}}]
+        return [
+            {"kind": f"{common}x{common}", "weight": COMMON_WEIGHT, "fields": {"width": common, "height": common}},
+            {"kind": f"{rare}x{rare}", "weight": RARE_WEIGHT, "fields": {"width": rare, "height": rare}},
+        ]
     if mix == "steps":
         full = args.steps or model_default_steps(args.model)
         half = max(1, full // 2)
-        return [{"kind": f"steps{full}", "weight": COMMON_WEIGHT, "fields": {"steps": full}},
-                {"kind": f"steps{half}", "weight": RARE_WEIGHT, "fields": {"steps": half}}]
+        return [
+            {"kind": f"steps{full}", "weight": COMMON_WEIGHT, "fields": {"steps": full}},
+            {"kind": f"steps{half}", "weight": RARE_WEIGHT, "fields": {"steps": half}},
+        ]
     if mix == "cache":
         names = ["default" if not c else " ".join(f"{k}={v}" for k, v in c.items()) for c in MIXED_CACHE]
-        return [{"kind": name, "weight": 1 / len(MIXED_CACHE), "fields": {"cache": dict(c)}}
-                for name, c in zip(names, MIXED_CACHE)]
+        return [
+            {"kind": name, "weight": 1 / len(MIXED_CACHE), "fields": {"cache": dict(c)}}
+            for name, c in zip(names, MIXED_CACHE, strict=True)
+        ]
     raise ValueError(f"unknown mix {mix!r}; choose from {', '.join(MIXES)}")
 
 
-def bodies_for(kinds: list[dict[str, Any]], count: int, args: argparse.Namespace, seed: int,
-               only: int | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+def bodies_for(
+    kinds: list[dict[str, Any]], count: int, args: argparse.Namespace, seed: int, only: int | None = None
+) -> tuple[list[dict[str, Any]], list[int]]:
     """``count`` request bodies (kind ``only``, or drawn from the mix with its weights) and their kind indexes."""
     rng = random.Random(seed)
-    picks = [only if only is not None else rng.choices(range(len(kinds)), [k["weight"] for k in kinds])[0]
-             for _ in range(count)]
+    picks = [
+        only if only is not None else rng.choices(range(len(kinds)), [k["weight"] for k in kinds])[0]
+        for _ in range(count)
+    ]
     bodies = []
     for i, pick in enumerate(picks):
         body = request_body(i, args, rng)
@@ -124,10 +133,13 @@ def capacity(outcomes: list[Any], start: float) -> float:
 def latency(outcomes: list[Any]) -> dict[str, Any]:
     ok = [o for o in outcomes if o.status == 200]
     values = [o.done - o.scheduled for o in ok]
-    return {"completed": len(ok), "requests": len(outcomes),
-            "latency_p50_s": clean_number(percentile(values, 50), 4),
-            "latency_p95_s": clean_number(percentile(values, 95), 4),
-            "latency_p99_s": clean_number(percentile(values, 99), 4)}
+    return {
+        "completed": len(ok),
+        "requests": len(outcomes),
+        "latency_p50_s": clean_number(percentile(values, 50), 4),
+        "latency_p95_s": clean_number(percentile(values, 95), 4),
+        "latency_p99_s": clean_number(percentile(values, 99), 4),
+    }
 
 
 def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, progress) -> dict[str, Any]:
@@ -146,7 +158,7 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
         kind["capacity_images_per_s"] = clean_number(capacity(outcomes, start), 4)
         progress(f"{mix}: {kind['kind']} alone: {kind['capacity_images_per_s']} img/s")
     capacities = [k["capacity_images_per_s"] for k in kinds]
-    expected = 1.0 / sum(k["weight"] / c for k, c in zip(kinds, capacities)) if all(capacities) else 0.0
+    expected = 1.0 / sum(k["weight"] / c for k, c in zip(kinds, capacities, strict=True)) if all(capacities) else 0.0
     bodies, _ = bodies_for(kinds, args.requests, args, args.seed + 200)
     outcomes, start = asyncio.run(closed_loop(url, bodies, concurrency, args.timeout))
     mixed = capacity(outcomes, start)
@@ -157,12 +169,13 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
     bodies, picks = bodies_for(kinds, args.requests, args, args.seed + 300)
     outcomes, _ = asyncio.run(open_loop(url, rate, args.requests, args, args.seed + 300, bodies=bodies))
     for index, kind in enumerate(kinds):
-        kind.update(latency([o for o, p in zip(outcomes, picks) if p == index]))
+        kind.update(latency([o for o, p in zip(outcomes, picks, strict=True) if p == index]))
         alone_rate = args.mix_load * kind["capacity_images_per_s"] / images_per_request
         alone_count = max(2, round(args.requests * kind["weight"]))
         alone_bodies, _ = bodies_for(kinds, alone_count, args, args.seed + 400 + index, only=index)
-        alone, _ = asyncio.run(open_loop(url, alone_rate, alone_count, args, args.seed + 400 + index,
-                                         bodies=alone_bodies))
+        alone, _ = asyncio.run(
+            open_loop(url, alone_rate, alone_count, args, args.seed + 400 + index, bodies=alone_bodies)
+        )
         alone_latency = latency(alone)
         kind["alone_rate_rps"] = clean_number(alone_rate, 4)
         for key in ("latency_p50_s", "latency_p95_s", "latency_p99_s"):
@@ -170,24 +183,45 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
         p99, alone_p99 = kind["latency_p99_s"], kind["alone_latency_p99_s"]
         kind["p99_vs_alone"] = clean_number(p99 / alone_p99, 4) if p99 is not None and alone_p99 else None
         kind["request"] = kind.pop("fields")
-    return {"mix": mix, "mixed_efficiency": clean_number(efficiency, 4),
-            "expected_capacity_images_per_s": clean_number(expected, 4),
-            "mixed_capacity_images_per_s": clean_number(mixed, 4),
-            "load_factor": args.mix_load, "mixed_rate_rps": clean_number(rate, 4),
-            "failed": sum(1 for o in outcomes if o.status != 200), "kinds": kinds}
+    return {
+        "mix": mix,
+        "mixed_efficiency": clean_number(efficiency, 4),
+        "expected_capacity_images_per_s": clean_number(expected, 4),
+        "mixed_capacity_images_per_s": clean_number(mixed, 4),
+        "load_factor": args.mix_load,
+        "mixed_rate_rps": clean_number(rate, 4),
+        "failed": sum(1 for o in outcomes if o.status != 200),
+        "kinds": kinds,
+    }
 
 
 def print_mix(result: dict[str, Any]) -> None:
     print(f"\n## mix: {result['mix']}\n")
-    print(markdown_table(
-        ["kind", "weight", "alone img/s", "p50 s", "p95 s", "p99 s", "p99 alone s", "p99 vs alone", "ok/sent"],
-        [[k["kind"], fmt(k["weight"], 2), fmt(k["capacity_images_per_s"], 3), fmt(k["latency_p50_s"], 3),
-          fmt(k["latency_p95_s"], 3), fmt(k["latency_p99_s"], 3), fmt(k["alone_latency_p99_s"], 3),
-          fmt(k["p99_vs_alone"], 2), f"{k['completed']}/{k['requests']}"] for k in result["kinds"]]))
-    print(f"\nmixed_efficiency {fmt(result['mixed_efficiency'], 3)}: measured "
-          f"{fmt(result['mixed_capacity_images_per_s'], 3)} img/s / expected "
-          f"{fmt(result['expected_capacity_images_per_s'], 3)} img/s (weighted harmonic mean of the kinds alone); "
-          f"latency at {result['load_factor']:g}x capacity")
+    print(
+        markdown_table(
+            ["kind", "weight", "alone img/s", "p50 s", "p95 s", "p99 s", "p99 alone s", "p99 vs alone", "ok/sent"],
+            [
+                [
+                    k["kind"],
+                    fmt(k["weight"], 2),
+                    fmt(k["capacity_images_per_s"], 3),
+                    fmt(k["latency_p50_s"], 3),
+                    fmt(k["latency_p95_s"], 3),
+                    fmt(k["latency_p99_s"], 3),
+                    fmt(k["alone_latency_p99_s"], 3),
+                    fmt(k["p99_vs_alone"], 2),
+                    f"{k['completed']}/{k['requests']}",
+                ]
+                for k in result["kinds"]
+            ],
+        )
+    )
+    print(
+        f"\nmixed_efficiency {fmt(result['mixed_efficiency'], 3)}: measured "
+        f"{fmt(result['mixed_capacity_images_per_s'], 3)} img/s / expected "
+        f"{fmt(result['expected_capacity_images_per_s'], 3)} img/s (weighted harmonic mean of the kinds alone); "
+        f"latency at {result['load_factor']:g}x capacity"
+    )
 
 
 def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[str, Any]:
@@ -196,9 +230,12 @@ def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[st
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     max_batch_size = max(args.batch_sizes)
-    print(f"# bench.serve --mix\n\nmachine: {machine_description(device, args.threads)}  \n"
-          f"command: `{command_line('bench.serve', argv)}`  \nmodel: {args.model}; max batch size {max_batch_size}; "
-          f"{args.requests} requests per measurement; latency at {args.mix_load:g}x capacity\n", flush=True)
+    print(
+        f"# bench.serve --mix\n\nmachine: {machine_description(device, args.threads)}  \n"
+        f"command: `{command_line('bench.serve', argv)}`  \nmodel: {args.model}; max batch size {max_batch_size}; "
+        f"{args.requests} requests per measurement; latency at {args.mix_load:g}x capacity\n",
+        flush=True,
+    )
     started = time.time()
     cluster = Cluster(f"mix-batch{max_batch_size}", max_batch_size, args, log_dir)
     results = []
@@ -214,11 +251,20 @@ def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[st
     output = {
         "mixed_efficiency": {r["mix"]: r["mixed_efficiency"] for r in results},
         "mixes": results,
-        "config": {"max_batch_size": max_batch_size, "queue": "redis" if cluster.queue != "local" else "local",
-                   "workers": args.workers if cluster.queue != "local" else 0},
-        "settings": {"model": str(args.model), "requests_per_measurement": args.requests, "images_per_request": args.n,
-                     "steps": args.steps, "load_factor": args.mix_load, "threads": args.threads,
-                     "closed_loop_concurrency": 2 * max_batch_size},
+        "config": {
+            "max_batch_size": max_batch_size,
+            "queue": "redis" if cluster.queue != "local" else "local",
+            "workers": args.workers if cluster.queue != "local" else 0,
+        },
+        "settings": {
+            "model": str(args.model),
+            "requests_per_measurement": args.requests,
+            "images_per_request": args.n,
+            "steps": args.steps,
+            "load_factor": args.mix_load,
+            "threads": args.threads,
+            "closed_loop_concurrency": 2 * max_batch_size,
+        },
         "machine": machine_description(device, args.threads),
         "command": command_line("bench.serve", argv),
         "seconds": round(time.time() - started, 1),

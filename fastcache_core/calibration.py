@@ -483,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_dir():
         parser.error(f"{args.model} is not a directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)  # type: ignore[no-untyped-call]  # diffusers: untyped
+    overrides: dict[str, Any] = {}
+    index = json.loads((Path(args.model) / "model_index.json").read_text())
+    if isinstance(index.get("id2label"), dict):  # DiTPipeline wants int keys; JSON keys are strings
+        overrides["id2label"] = {int(key): name for key, name in index["id2label"].items()}
+    pipe = DiffusionPipeline.from_pretrained(args.model, **overrides).to(device)
     pipe.set_progress_bar_config(disable=True)
     profile, report = calibrate(
         pipe,

@@ -67,7 +67,7 @@ def _cpu_sdpa_flops(
 ) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
-    return int(sdpa_flop_count(query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]  # torch: untyped
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
 
 
 def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:

@@ -44,8 +44,11 @@ def main() -> None:
             element.send_keys(str(value))
         browser.find_element(By.CSS_SELECTOR, "label.switch").click()
         browser.find_element(By.ID, "generate").click()
-        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".comparison")) == args.n, 600,
-                 lambda: "the comparison never finished: " + browser.find_element(By.ID, "error").text)
+        wait_for(
+            lambda: len(browser.find_elements(By.CSS_SELECTOR, ".comparison")) == args.n,
+            600,
+            lambda: "the comparison never finished: " + browser.find_element(By.ID, "error").text,
+        )
         browser.execute_script("document.activeElement.blur()")
         # the whole page in one picture: grow the window by what the page overflows its viewport
         overflow = browser.execute_script("return document.documentElement.scrollHeight - window.innerHeight")

@@ -18,10 +18,9 @@ from PIL import Image, ImageDraw
 
 
 def main() -> None:
-    from diffusers import DiTPipeline
-
     from fastcache_core import FastCacheConfig, apply_fastcache
     from fastcache_core.quality import mean_finite, psnr
+    from service.engine.loading import load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/digits-dit")
@@ -31,15 +30,19 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.5)
     parser.add_argument("--scale", type=int, default=3, help="pixel upscaling of each 32x32 digit")
     args = parser.parse_args()
-    pipe = DiTPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, device="cpu", dtype="float32")  # the service's loader: labels, no warning
     labels = [d for d in range(10) for _ in range(args.seeds)]
     seeds = [1000 + i for i in range(len(labels))]
 
     def generate() -> torch.Tensor:
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(labels, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
-                    generator=generators, output_type="pt").images
+        return pipe(
+            labels,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps,
+            generator=generators,
+            output_type="pt",
+        ).images
 
     uncached = generate()
     cache = apply_fastcache(pipe.transformer, FastCacheConfig())
@@ -63,8 +66,11 @@ def main() -> None:
             canvas.paste(digit, (block * (args.seeds * tile + gap) + col * tile, header + row * tile))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 6), "uncached", fill=0)
-    draw.text((args.seeds * tile + gap + 4, 6),
-              f"FastCache default: {quality:.1f} dB PSNR, {computed:.0%} of blocks computed", fill=0)
+    draw.text(
+        (args.seeds * tile + gap + 4, 6),
+        f"FastCache default: {quality:.1f} dB PSNR, {computed:.0%} of blocks computed",
+        fill=0,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(args.out)
     print(f"wrote {args.out}: mean PSNR {quality:.2f} dB, blocks computed {computed:.1%}")

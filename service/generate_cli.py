@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import email.utils
 import json
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 import httpx
 from tqdm import tqdm
@@ -43,49 +45,78 @@ class CommandError(Exception):
 
 # --------------------------------------------------------------------------- command line
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcache-generate",
         description="Generate images with a running fastcache-serve server and save them.",
-        epilog="Example: fastcache-generate \"seven\" -n 4 --tolerance 0.2 --seed 1 -o out/. "
-               "Omitted options take the served model's defaults.")
-    parser.add_argument("prompt", help="text, or for a class-conditional model a label name or id (\"seven\", \"7\")")
+        epilog='Example: fastcache-generate "seven" -n 4 --tolerance 0.2 --seed 1 -o out/. '
+        "Omitted options take the served model's defaults.",
+    )
+    parser.add_argument("prompt", help='text, or for a class-conditional model a label name or id ("seven", "7")')
     parser.add_argument("-n", type=int, default=1, help="images to generate (image i uses seed + i) (1)")
     parser.add_argument("-o", "--output", type=Path, default=Path("."), help="directory to write the images into (.)")
-    parser.add_argument("--server", default=os.environ.get("FASTCACHE_SERVER", DEFAULT_SERVER),
-                        help=f"base URL of the server (env FASTCACHE_SERVER; {DEFAULT_SERVER})")
-    parser.add_argument("--api-key", default=os.environ.get("FASTCACHE_API_KEY") or None,
-                        help="bearer key when the server has --api-key (env FASTCACHE_API_KEY)")
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("FASTCACHE_SERVER", DEFAULT_SERVER),
+        help=f"base URL of the server (env FASTCACHE_SERVER; {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("FASTCACHE_API_KEY") or None,
+        help="bearer key when the server has --api-key (env FASTCACHE_API_KEY)",
+    )
     request = parser.add_argument_group("request (omitted: the model's defaults)")
     request.add_argument("--steps", type=int, help="denoising steps")
-    request.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=float,
-                         help="classifier-free guidance scale")
+    request.add_argument(
+        "--guidance", "--guidance-scale", dest="guidance_scale", type=float, help="classifier-free guidance scale"
+    )
     request.add_argument("--seed", type=int, help="seed of the first image (random if omitted)")
     request.add_argument("--negative-prompt", help="what to steer away from (text models with negative prompts)")
     request.add_argument("--width", type=int, help="pixels")
     request.add_argument("--height", type=int, help="pixels")
-    request.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"), default="png",
-                         help="image format (png)")
-    request.add_argument("--timeout", dest="timeout_seconds", type=float,
-                         help="server-side deadline in seconds; past it the job fails with 504")
+    request.add_argument(
+        "--format", dest="output_format", choices=("png", "jpeg", "webp"), default="png", help="image format (png)"
+    )
+    request.add_argument(
+        "--timeout",
+        dest="timeout_seconds",
+        type=float,
+        help="server-side deadline in seconds; past it the job fails with 504",
+    )
     cache = parser.add_argument_group("cache (omitted: the model's calibrated defaults)")
-    cache.add_argument("--method", choices=("fastcache", "none", "taylorseer", "teacache", "fbcache"), help="cache method")
-    cache.add_argument("--tolerance", type=float, help="tau in [0, 1]: accepted forecast drift, larger refreshes less often; 0 computes every step")
+    cache.add_argument(
+        "--method", choices=("fastcache", "none", "taylorseer", "teacache", "fbcache"), help="cache method"
+    )
+    cache.add_argument(
+        "--tolerance", type=float, help="tau in [0, 1]: relative change treated as noise; 0 computes everything"
+    )
     cache.add_argument("--significance", type=float, help="alpha in (0, 0.5] of the chi-square test")
     cache.add_argument("--motion-threshold", type=float, help="token selection threshold; 0 = off")
     cache.add_argument("--motion-fraction", type=float, help="compute this share of tokens instead of thresholding")
     cache.add_argument("--merge-ratio", type=float, help="share of computed tokens merged by k-NN density; 0 = off")
     cache.add_argument("--max-skip-steps", type=int, help="consecutive reuses before a forced compute")
     client = parser.add_argument_group("client")
-    client.add_argument("--retries", type=int, default=5,
-                        help="times to retry a 429 (queue full) or 503 (not ready), waiting Retry-After (5)")
+    client.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="times to retry a 429 (queue full) or 503 (not ready), waiting Retry-After (5)",
+    )
     client.add_argument("--json", action="store_true", help="print the full per-image stats as JSON lines")
     client.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-CACHE_OPTIONS = ("method", "tolerance", "significance", "motion_threshold", "motion_fraction", "merge_ratio",
-                 "max_skip_steps")
+CACHE_OPTIONS = (
+    "method",
+    "tolerance",
+    "significance",
+    "motion_threshold",
+    "motion_fraction",
+    "merge_ratio",
+    "max_skip_steps",
+)
 REQUEST_OPTIONS = ("steps", "guidance_scale", "seed", "negative_prompt", "width", "height", "timeout_seconds")
 
 
@@ -100,6 +131,7 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- talking to the server
+
 
 def error_message(response: httpx.Response) -> str:
     """A readable line from a problem+json (or OpenAI, or plain) error response."""
@@ -122,10 +154,8 @@ def retry_after_seconds(response: httpx.Response, default: float = 2.0) -> float
     if value.isdigit():
         seconds = float(value)
     elif value:
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            pass
     return min(max(seconds, 0.0), MAX_RETRY_WAIT_SECONDS)
 
 
@@ -134,7 +164,8 @@ def submit(client: httpx.Client, body: dict[str, Any], retries: int, log: TextIO
     for attempt in range(retries + 1):
         response = client.post("/v1/jobs", json=body)
         if response.status_code == 202:
-            return response.json()
+            job: dict[str, Any] = response.json()
+            return job
         message = error_message(response)
         if response.status_code in RETRY_STATUSES:
             if attempt == retries:
@@ -149,16 +180,16 @@ def submit(client: httpx.Client, body: dict[str, Any], retries: int, log: TextIO
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event name, data) pairs from the lines of a ``text/event-stream``."""
-    name, data = "message", []
+    name, data = "message", list[str]()
     for line in lines:
         if line == "":
             if data:
                 yield name, json.loads("\n".join(data))
             name, data = "message", []
         elif line.startswith("event:"):
-            name = line[len("event:"):].strip()
+            name = line[len("event:") :].strip()
         elif line.startswith("data:"):
-            data.append(line[len("data:"):].lstrip())
+            data.append(line[len("data:") :].lstrip())
     if data:
         yield name, json.loads("\n".join(data))
 
@@ -177,8 +208,14 @@ def follow(client: httpx.Client, job_id: str, progress: bool, log: TextIO) -> di
             for name, data in sse_events(stream.iter_lines()):
                 if name == "step":
                     if bar is None:
-                        bar = tqdm(total=data["steps"], unit="step", desc="denoising", disable=not progress,
-                                   file=log, dynamic_ncols=True)
+                        bar = tqdm(
+                            total=data["steps"],
+                            unit="step",
+                            desc="denoising",
+                            disable=not progress,
+                            file=log,
+                            dynamic_ncols=True,
+                        )
                     bar.update(data["step"] - bar.n)
                     bar.set_postfix(batch=data.get("batch_size"), refresh=False)
                 elif name == "result":
@@ -196,13 +233,14 @@ def poll(client: httpx.Client, job_id: str, interval: float = 1.0) -> dict[str, 
         response = client.get(f"/v1/jobs/{job_id}")
         if response.status_code != 200:
             raise CommandError(f"cannot read job {job_id}: {error_message(response)}")
-        status = response.json()
+        status: dict[str, Any] = response.json()
         if status["status"] in ("succeeded", "failed", "cancelled"):
             return status
         time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- output
+
 
 def slug(text: str) -> str:
     """A file-name-safe short form of a prompt."""
@@ -226,12 +264,15 @@ def stats_table(saved: list[tuple[Path, dict[str, Any]]]) -> str:
     rows = [header]
     for path, image in saved:
         s = image["stats"]
-        rows.append(f"{str(path):<{width}} {image['seed']:>6} {s['compute_seconds']:>9.3f} {s['queue_wait_seconds']:>8.3f} "
-                    f"{s['cache_hit_rate']:>8.1%} {s['mac_fraction']:>6.1%}  {s['method']}")
+        rows.append(
+            f"{str(path):<{width}} {image['seed']:>6} {s['compute_seconds']:>9.3f} {s['queue_wait_seconds']:>8.3f} "
+            f"{s['cache_hit_rate']:>8.1%} {s['mac_fraction']:>6.1%}  {s['method']}"
+        )
     return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- entry point
+
 
 def run(args: argparse.Namespace, out: TextIO, log: TextIO) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -254,10 +295,12 @@ def run(args: argparse.Namespace, out: TextIO, log: TextIO) -> int:
         except httpx.TransportError as error:
             raise CommandError(f"cannot reach the server at {server}: {error}") from error
     if status["status"] != "succeeded":
-        error = status.get("error") or {}
-        detail = error.get("message") or status["status"]
-        raise CommandError(f"job {status['id']} {status['status']}: {detail}"
-                           + (f" (HTTP {error['status']} {error.get('code', '')})" if "status" in error else ""))
+        job_error = status.get("error") or {}
+        detail = job_error.get("message") or status["status"]
+        raise CommandError(
+            f"job {status['id']} {status['status']}: {detail}"
+            + (f" (HTTP {job_error['status']} {job_error.get('code', '')})" if "status" in job_error else "")
+        )
     saved = save_images(status["result"], args.prompt, args.output)
     if args.json:
         for path, image in saved:

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on (the worker: for its /metrics port)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    model: str = Field(DEFAULT_MODEL, description="diffusers pipeline directory or hub id; default: the bundled digits DiT")
+    model: str = Field(
+        DEFAULT_MODEL, description="diffusers pipeline directory or hub id; default: the bundled digits DiT"
+    )
     model_name: str | None = Field(None, description="name reported by the API; default: the model directory's name")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("auto", description="float32, float16, bfloat16 or auto (float32 on CPU, bfloat16 on CUDA)")
@@ -33,14 +35,22 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="default deadline of a request, seconds")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest accepted request body")
     job_ttl_seconds: int = Field(3600, ge=10, description="how long finished jobs stay readable")
-    max_result_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process queue: bytes of finished "
-                                  "results' images kept at most (oldest dropped first)")
-    drain_timeout: float | None = Field(None, gt=0, description="seconds a stopping process lets in-flight work "
-                                        "finish; default: the request timeout + 30")
-    idle_release_seconds: float = Field(60.0, ge=0, description="release pooled cache memory after this long "
-                                        "with no work")
-    redis_timeout: float = Field(5.0, gt=0, description="seconds a Redis operation may take before it counts "
-                                 "as an outage (503)")
+    max_result_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="in-process queue: bytes of finished results' images kept at most (oldest dropped first)",
+    )
+    drain_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds a stopping process lets in-flight work finish; default: the request timeout + 30",
+    )
+    idle_release_seconds: float = Field(
+        60.0, ge=0, description="release pooled cache memory after this long with no work"
+    )
+    redis_timeout: float = Field(
+        5.0, gt=0, description="seconds a Redis operation may take before it counts as an outage (503)"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     log_level: str = Field("info")
     # worker only
@@ -77,12 +87,47 @@ class Settings(BaseSettings):
         return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
 
 
-SERVE_FLAGS = ("host", "port", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue", "api_key",
-               "queue", "request_timeout", "max_body_bytes", "job_ttl_seconds", "max_result_bytes", "drain_timeout",
-               "idle_release_seconds", "redis_timeout", "threads", "log_level")
-WORKER_FLAGS = ("redis", "host", "model", "model_name", "device", "dtype", "max_batch_size", "max_queue",
-                "metrics_port", "reclaim_idle_seconds", "max_deliveries", "dead_letter_maxlen", "job_ttl_seconds", "drain_timeout",
-                "idle_release_seconds", "redis_timeout", "threads", "log_level")
+SERVE_FLAGS = (
+    "host",
+    "port",
+    "model",
+    "model_name",
+    "device",
+    "dtype",
+    "max_batch_size",
+    "max_queue",
+    "api_key",
+    "queue",
+    "request_timeout",
+    "max_body_bytes",
+    "job_ttl_seconds",
+    "max_result_bytes",
+    "drain_timeout",
+    "idle_release_seconds",
+    "redis_timeout",
+    "threads",
+    "log_level",
+)
+WORKER_FLAGS = (
+    "redis",
+    "host",
+    "model",
+    "model_name",
+    "device",
+    "dtype",
+    "max_batch_size",
+    "max_queue",
+    "metrics_port",
+    "reclaim_idle_seconds",
+    "max_deliveries",
+    "dead_letter_maxlen",
+    "job_ttl_seconds",
+    "drain_timeout",
+    "idle_release_seconds",
+    "redis_timeout",
+    "threads",
+    "log_level",
+)
 
 
 def parse_settings(flags: tuple[str, ...], description: str, argv: list[str] | None) -> Settings:
@@ -90,15 +135,17 @@ def parse_settings(flags: tuple[str, ...], description: str, argv: list[str] | N
     import argparse
 
     env = Settings()
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog="Every flag can also be set as FASTCACHE_<FLAG> in the environment.")
+    parser = argparse.ArgumentParser(
+        description=description, epilog="Every flag can also be set as FASTCACHE_<FLAG> in the environment."
+    )
     for name in flags:
         info = Settings.model_fields[name]
         default = getattr(env, name)
         if hasattr(default, "get_secret_value"):
             default = "***"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=f"{info.description or name} (now: {default})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, help=f"{info.description or name} (now: {default})"
+        )
     args = parser.parse_args(argv)
     given: dict[str, object] = {k: v for k, v in vars(args).items() if v is not None}
     return Settings(**{**env.model_dump(), **given})

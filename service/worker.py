@@ -50,7 +50,9 @@ from service.queue.redis_protocol import (
     STORE_RESULT_SCRIPT,
     UPDATE_PROGRESS_SCRIPT,
     RedisLayout,
+    as_text,
     client_options,
+    read_entries,
 )
 from service.settings import WORKER_FLAGS, Settings, parse_settings
 
@@ -155,15 +157,19 @@ class Worker:
             flight = self.in_flight.pop(job.job_id, None)
             if flight is not None:
                 self._hand_back[flight.entry_id] = True
-        logger.info("worker %s stopping: %d jobs running, %d handed back", self.consumer, len(self.in_flight),
-                    len(self._hand_back))
+        logger.info(
+            "worker %s stopping: %d jobs running, %d handed back",
+            self.consumer,
+            len(self.in_flight),
+            len(self._hand_back),
+        )
 
     def _stop_progress(self) -> bool:
         """While stopping: whether the worker may exit now."""
         settled = not self.engine.running and self.outbox.empty() and not self._unflushed and not self._hand_back
         if settled:
             return True
-        if time.monotonic() < self._drain_deadline:
+        if self._drain_deadline is None or time.monotonic() < self._drain_deadline:  # set by _begin_stop
             return False
         if not self._stopped_engine:  # out of time: stop at the next step; running jobs are handed back
             logger.warning("drain timeout: stopping %d running jobs", len(self.in_flight))
@@ -173,9 +179,13 @@ class Worker:
             return False
         # one last attempt at Redis is over: whatever is not stored stays pending for another worker
         if self._unflushed or not self.outbox.empty() or self._hand_back:
-            logger.warning("exiting with %d results unstored and %d entries not handed back (redis: %s); "
-                           "other workers reclaim them", len(self._unflushed) + self.outbox.qsize(),
-                           len(self._hand_back), self.redis_error or "ok")
+            logger.warning(
+                "exiting with %d results unstored and %d entries not handed back (redis: %s); "
+                "other workers reclaim them",
+                len(self._unflushed) + self.outbox.qsize(),
+                len(self._hand_back),
+                self.redis_error or "ok",
+            )
         return True
 
     def _set_redis_ok(self) -> None:
@@ -198,8 +208,9 @@ class Worker:
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
-        self.redis.set(self.layout.model, json.dumps({"name": self.engine.model_name,
-                                                       "limits": self.engine.limits.to_dict()}))
+        self.redis.set(
+            self.layout.model, json.dumps({"name": self.engine.model_name, "limits": self.engine.limits.to_dict()})
+        )
         self._next["register"] = time.monotonic() + 30.0
 
     def _due(self, name: str, every: float) -> bool:
@@ -217,10 +228,14 @@ class Worker:
         if free > 0:
             # idle: block on the stream (a new entry wakes us at once); busy: don't block on Redis, so
             # results and progress are flushed as soon as the engine produces them
-            response = self.redis.xreadgroup(self.layout.group, self.consumer, {self.layout.stream: ">"},
-                                             count=free, block=IDLE_BLOCK_MS if idle else None)
-            entries = [entry for _, batch in response or [] for entry in batch]
-            self._take_all(entries, free)
+            response = self.redis.xreadgroup(
+                self.layout.group,
+                self.consumer,
+                {self.layout.stream: ">"},
+                count=free,
+                block=IDLE_BLOCK_MS if idle else None,
+            )
+            self._take_all(read_entries(response), free)
             if idle:
                 return
         self._collect_engine_output(0.05)
@@ -232,16 +247,18 @@ class Worker:
         if free <= 0:
             return
         idle_ms = int(self.settings.reclaim_idle_seconds * 1000)
-        _, claimed, _ = self.redis.xautoclaim(self.layout.stream, self.layout.group, self.consumer, idle_ms,
-                                              start_id="0-0", count=free)
+        _, claimed, _ = self.redis.xautoclaim(
+            self.layout.stream, self.layout.group, self.consumer, idle_ms, start_id="0-0", count=free
+        )
         entries = []
         for entry_id, fields in claimed:
             if fields is None:  # deleted meanwhile
                 self.redis.xack(self.layout.stream, self.layout.group, entry_id)
                 continue
-            pending = self.redis.xpending_range(self.layout.stream, self.layout.group, min=entry_id,
-                                                max=entry_id, count=1)
-            deliveries = pending[0]["times_delivered"] if pending else 1
+            pending = self.redis.xpending_range(
+                self.layout.stream, self.layout.group, min=entry_id, max=entry_id, count=1
+            )
+            deliveries = int(pending[0]["times_delivered"]) if pending else 1
             if deliveries > self.settings.max_deliveries:
                 self._dead_letter(entry_id, fields, deliveries)
                 continue
@@ -289,10 +306,17 @@ class Worker:
             self._give_back(entry_id, refund=True)
             return 0
         created = record.created_at if record is not None else time.time()
-        job = Job(job_id=job_id, spec=submission.spec, n=submission.n, output_format=submission.output_format,
-                  route=submission.route, submitted_at=created, deadline=created + submission.timeout_seconds,
-                  on_event=lambda event, j=job_id: self.outbox.put(("event", j, event)),
-                  on_done=lambda result, j=job_id: self.outbox.put(("done", j, result)))
+        job = Job(
+            job_id=job_id,
+            spec=submission.spec,
+            n=submission.n,
+            output_format=submission.output_format,
+            route=submission.route,
+            submitted_at=created,
+            deadline=created + submission.timeout_seconds,
+            on_event=lambda event: self.outbox.put(("event", job_id, event)),
+            on_done=lambda result: self.outbox.put(("done", job_id, result)),
+        )
         try:
             self.engine.submit(job)
         except Exception as error:  # full or stopping: hand it back for another worker at no cost
@@ -311,9 +335,10 @@ class Worker:
         for refund in (True, False):
             ids = [entry_id for entry_id, r in self._hand_back.items() if r is refund]
             if ids:
-                self._hand_back_script(keys=[self.layout.stream],
-                                       args=[self.layout.group, self.consumer, HAND_BACK_IDLE_MS,
-                                             "1" if refund else "0", *ids])
+                self._hand_back_script(
+                    keys=[self.layout.stream],
+                    args=[self.layout.group, self.consumer, HAND_BACK_IDLE_MS, "1" if refund else "0", *ids],
+                )
                 telemetry.HANDED_BACK.inc(len(ids))
                 for entry_id in ids:
                     del self._hand_back[entry_id]
@@ -355,8 +380,12 @@ class Worker:
 
     def _finish(self, flight: _InFlight, result: JobResult) -> None:
         error = result.error
-        if result.status == "failed" and error is not None and error.status >= RETRYABLE_MIN_STATUS \
-                and error.code != "deadline_exceeded":
+        if (
+            result.status == "failed"
+            and error is not None
+            and error.status >= RETRYABLE_MIN_STATUS
+            and error.code != "deadline_exceeded"
+        ):
             # a server-side failure (or a drain that ran out of time): another delivery retries it,
             # up to the dead-letter bound
             self._give_back(flight.entry_id, refund=False)
@@ -375,13 +404,23 @@ class Worker:
         if result.error is not None:
             record.error = {"code": result.error.code, "message": result.error.message, "status": result.error.status}
         event = json.dumps({"type": "result", "job": record.to_dict()})
-        stored = self._store(keys=[self.layout.job(job_id), self.layout.results_stored, self.layout.events(job_id),
-                                   self.layout.results_refused],
-                             args=[json.dumps(record.to_dict()), self.ttl, event, self.layout.done_channel, job_id,
-                                   EVENTS_MAXLEN])
+        stored = self._store(
+            keys=[
+                self.layout.job(job_id),
+                self.layout.results_stored,
+                self.layout.events(job_id),
+                self.layout.results_refused,
+            ],
+            args=[json.dumps(record.to_dict()), self.ttl, event, self.layout.done_channel, job_id, EVENTS_MAXLEN],
+        )
         if stored:
-            telemetry.record_request(record.route, result, self.engine.model_name, record.created_at,
-                                     job.admitted_at if job is not None else None)
+            telemetry.record_request(
+                record.route,
+                result,
+                self.engine.model_name,
+                record.created_at,
+                job.admitted_at if job is not None else None,
+            )
         self._ack(entry_id)
 
     def _ack(self, entry_id: str) -> None:
@@ -392,10 +431,19 @@ class Worker:
 
     def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
         job_id = fields.get("job_id") or f"entry-{entry_id}"
-        last_error = self.redis.hget(self.layout.attempts(job_id), "last_error") or "worker lost the job"
-        self.redis.xadd(self.layout.dead_letter, {"job_id": job_id, "entry_id": entry_id, "deliveries": deliveries,
-                                                  "error": last_error, "submission": fields.get("submission", "")},
-                        maxlen=self.settings.dead_letter_maxlen, approximate=True)
+        last_error = as_text(self.redis.hget(self.layout.attempts(job_id), "last_error") or "worker lost the job")
+        self.redis.xadd(
+            self.layout.dead_letter,
+            {
+                "job_id": job_id,
+                "entry_id": entry_id,
+                "deliveries": deliveries,
+                "error": last_error,
+                "submission": fields.get("submission", ""),
+            },
+            maxlen=self.settings.dead_letter_maxlen,
+            approximate=True,
+        )
         telemetry.DEAD_LETTERED.inc()
         logger.error("job %s dead-lettered after %d deliveries: %s", job_id, deliveries, last_error)
         message = f"failed after {deliveries - 1} attempts: {last_error}"
@@ -425,15 +473,18 @@ class Worker:
             flight = flights[entry_id]
             flight.lost = True
             self.engine.cancel(flight.job_id)
-            logger.warning("job %s: entry %s is no longer ours (reclaimed or settled elsewhere); run cancelled",
-                           flight.job_id, entry_id)
+            logger.warning(
+                "job %s: entry %s is no longer ours (reclaimed or settled elsewhere); run cancelled",
+                flight.job_id,
+                entry_id,
+            )
 
     def _forward_cancellations(self) -> None:
         ids = [job_id for job_id, f in self.in_flight.items() if not f.lost]
         if not ids or not self._due("cancellations", 0.25):
             return
         flags = self.redis.mget([self.layout.cancel(j) for j in ids])
-        for job_id, flag in zip(ids, flags):
+        for job_id, flag in zip(ids, flags, strict=True):
             if flag:
                 self.engine.cancel(job_id)
 

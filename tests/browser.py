@@ -10,13 +10,22 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 def chromium_driver(width: int = 1280, height: int = 900, extra_flags: tuple[str, ...] = ()):
@@ -25,7 +34,9 @@ def chromium_driver(width: int = 1280, height: int = 900, extra_flags: tuple[str
     from selenium.webdriver.chrome.service import Service
 
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        assert os.path.exists(path), f"{path} is missing: run scripts/setup.sh (it installs the Debian package {package})"
+        assert os.path.exists(path), (
+            f"{path} is missing: run scripts/setup.sh (it installs the Debian package {package})"
+        )
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never fetch a driver or browser of its own
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -47,8 +58,12 @@ def chromium_driver(width: int = 1280, height: int = 900, extra_flags: tuple[str
     return driver
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, message: Callable[[], str] = lambda: "timed out",
-             interval: float = 0.25) -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    message: Callable[[], str] = lambda: "timed out",
+    interval: float = 0.25,
+) -> Any:
     """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` passes (AssertionError).
 
     Exceptions from a page that is still changing (an element not there yet, or replaced) count as "not yet".

@@ -7,8 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 import yaml
@@ -167,13 +168,21 @@ def dashboard_panels(dashboard: dict) -> list[dict]:
 
 def alert_exprs(rules_file: Path) -> dict[str, str]:
     rules = yaml.safe_load(rules_file.read_text())
-    return {rule.get("alert") or rule.get("record"): rule["expr"]
-            for group in rules["groups"] for rule in group["rules"]}
+    return {
+        rule.get("alert") or rule.get("record"): rule["expr"] for group in rules["groups"] for rule in group["rules"]
+    }
 
 
 # Grafana's interpolation of the dashboard's variables with every variable on "All"
-GRAFANA_ALL = {"$__rate_interval": "1m", "$__interval": "30s", "$__range": "10m",
-               "${model}": ".*", "$model": ".*", "${pod}": ".*", "$pod": ".*"}
+GRAFANA_ALL = {
+    "$__rate_interval": "1m",
+    "$__interval": "30s",
+    "$__range": "10m",
+    "${model}": ".*",
+    "$model": ".*",
+    "${pod}": ".*",
+    "$pod": ".*",
+}
 
 
 def interpolate(expr: str) -> str:
@@ -194,8 +203,9 @@ def _samples(exposition: str) -> list[tuple[str, str, float]]:
     return out
 
 
-def promtool_data_test(exposition: str, exprs: list[str], target_labels: dict[str, str],
-                       extra_statuses: tuple[str, ...] = ()) -> dict:
+def promtool_data_test(
+    exposition: str, exprs: list[str], target_labels: dict[str, str], extra_statuses: tuple[str, ...] = ()
+) -> dict:
     """A ``promtool test rules`` file: the scraped samples held constant for 10 minutes (15 s apart)
     with the labels a Kubernetes scrape adds, and one test per query that it returns at least one
     series. Samples with ``status="200"`` are repeated with each of ``extra_statuses``."""
@@ -210,10 +220,15 @@ def promtool_data_test(exposition: str, exprs: list[str], target_labels: dict[st
         for variant in variants:
             text = f"{name}{{{variant + ',' if variant else ''}{added}}}"
             series.append({"series": text, "values": " ".join([repr(value)] * 41)})
-    tests = [{"expr": f"clamp_max(count({expr}), 1)", "eval_time": "10m",
-              "exp_samples": [{"labels": "{}", "value": 1}]} for expr in exprs]
-    return {"rule_files": [], "evaluation_interval": "1m",
-            "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}]}
+    tests = [
+        {"expr": f"clamp_max(count({expr}), 1)", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}
+        for expr in exprs
+    ]
+    return {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}],
+    }
 
 
 # ------------------------------------------------------------------------------------------ Docker

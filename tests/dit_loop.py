@@ -25,7 +25,9 @@ class DiTSample:
     start: int = 0
 
 
-def denoise(pipe, cache: FastCache, samples: list[DiTSample], steps: int) -> tuple[list[torch.Tensor], list[SampleStats]]:
+def denoise(
+    pipe, cache: FastCache, samples: list[DiTSample], steps: int
+) -> tuple[list[torch.Tensor], list[SampleStats]]:
     """Run ``samples`` through ``pipe.transformer`` together; return each one's decoded image (1, C, H, W)
     and its cache counters."""
     transformer = pipe.transformer
@@ -41,7 +43,9 @@ def denoise(pipe, cache: FastCache, samples: list[DiTSample], steps: int) -> tup
     iteration = 0
     with torch.no_grad():
         while any(st["step"] < steps for st in state):
-            active = [(s, st) for s, st in zip(samples, state) if s.start <= iteration and st["step"] < steps]
+            active = [
+                (s, st) for s, st in zip(samples, state, strict=True) if s.start <= iteration and st["step"] < steps
+            ]
             iteration += 1
             if not active:
                 continue

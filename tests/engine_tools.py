@@ -62,12 +62,28 @@ class Recorder:
     done_threads: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def job(self, job_id: str, *, seed: int = 0, steps: int = 8, size: int = 16, n: int = 1, prompt: str = "3",
-            tolerance: float = 0.5, guidance: float = 2.0, output_format: str = "png") -> Job:
+    def job(
+        self,
+        job_id: str,
+        *,
+        seed: int = 0,
+        steps: int = 8,
+        size: int = 16,
+        n: int = 1,
+        prompt: str = "3",
+        tolerance: float = 0.5,
+        guidance: float = 2.0,
+        output_format: str = "png",
+    ) -> Job:
         spec = GenerationSpec(prompt, None, steps, guidance, seed, size, size, CacheParams(tolerance=tolerance))
-        return Job(job_id=job_id, spec=spec, n=n, output_format=output_format,
-                   on_event=lambda event, j=job_id: self._record(j, "step", event),
-                   on_done=lambda result, j=job_id: self._done(j, result))
+        return Job(
+            job_id=job_id,
+            spec=spec,
+            n=n,
+            output_format=output_format,
+            on_event=lambda event, j=job_id: self._record(j, "step", event),
+            on_done=lambda result, j=job_id: self._done(j, result),
+        )
 
     def _record(self, job_id: str, kind: str, payload: Any) -> None:
         with self._lock:
@@ -80,8 +96,11 @@ class Recorder:
             self.log.append((job_id, "done", result.status))
 
     def wait(self, *job_ids: str, timeout: float = 300) -> list[JobResult]:
-        wait_until(lambda: all(j in self.results for j in job_ids), timeout,
-                   lambda: f"jobs not finished: {[j for j in job_ids if j not in self.results]}")
+        wait_until(
+            lambda: all(j in self.results for j in job_ids),
+            timeout,
+            lambda: f"jobs not finished: {[j for j in job_ids if j not in self.results]}",
+        )
         return [self.results[j] for j in job_ids]
 
     def steps_of(self, job_id: str) -> list[int]:

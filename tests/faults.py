@@ -22,7 +22,7 @@ import httpx
 from tests.servers import wait_until
 
 ALLOWED_DURING_FAULT = {200, 202, 429, 503}
-LEDGERS: list["FaultLedger"] = []
+LEDGERS: list[FaultLedger] = []
 
 
 @dataclass
@@ -69,9 +69,12 @@ class FaultLedger:
             error = response.json().get("error", {})
             if error.get("type") != "server_error" or not error.get("message"):
                 return f"503 without an OpenAI error object: {response.text[:200]}"
-        elif status == 503 and path != "/readyz":
-            if not response.headers.get("content-type", "").startswith("application/problem+json"):
-                return f"503 that is not problem+json: {response.text[:200]}"
+        elif (
+            status == 503
+            and path != "/readyz"
+            and not response.headers.get("content-type", "").startswith("application/problem+json")
+        ):
+            return f"503 that is not problem+json: {response.text[:200]}"
         if status == 503 and path == "/readyz" and not response.json().get("reason"):
             return "/readyz 503 without a reason"
         return None
@@ -79,8 +82,13 @@ class FaultLedger:
     def probe_round(self, client: httpx.Client, known_job: str, cancelled_job: str) -> None:
         """Every route once: submit (async, sync, OpenAI), status, events, cancel, readiness."""
         key = uuid.uuid4().hex
-        accepted = self.request(client, "POST", "/v1/jobs", json={"prompt": "1", "steps": 3, "timeout_seconds": 300},
-                                headers={"Idempotency-Key": key})
+        accepted = self.request(
+            client,
+            "POST",
+            "/v1/jobs",
+            json={"prompt": "1", "steps": 3, "timeout_seconds": 300},
+            headers={"Idempotency-Key": key},
+        )
         if accepted is not None and accepted.status_code == 202:
             self.accepted.add(accepted.json()["id"])
         self.request(client, "GET", f"/v1/jobs/{known_job}")
@@ -88,8 +96,12 @@ class FaultLedger:
         generated = self.request(client, "POST", "/generate", json={"prompt": "2", "steps": 2, "timeout_seconds": 300})
         if generated is not None and generated.status_code == 200:
             self.accepted.add(generated.json()["id"])
-        openai = self.request(client, "POST", "/v1/images/generations",
-                              json={"prompt": "3", "size": "16x16", "steps": 2, "timeout_seconds": 300})
+        openai = self.request(
+            client,
+            "POST",
+            "/v1/images/generations",
+            json={"prompt": "3", "size": "16x16", "steps": 2, "timeout_seconds": 300},
+        )
         if openai is not None and openai.status_code == 200:
             self.openai_accepted += 1
         self.request(client, "GET", "/readyz")
@@ -112,17 +124,25 @@ class FaultLedger:
             assert response.status_code == 200, f"accepted job {job_id} is gone: {response.status_code}"
             return response.json()["status"]
 
-        wait_until(lambda: all(status(j) in ("succeeded", "failed", "cancelled") for j in ids), timeout,
-                   lambda: f"{self.fault}: accepted jobs not finished: "
-                           f"{[(j, status(j)) for j in ids if status(j) not in ('succeeded', 'failed', 'cancelled')]}")
+        wait_until(
+            lambda: all(status(j) in ("succeeded", "failed", "cancelled") for j in ids),
+            timeout,
+            lambda: (
+                f"{self.fault}: accepted jobs not finished: "
+                f"{[(j, status(j)) for j in ids if status(j) not in ('succeeded', 'failed', 'cancelled')]}"
+            ),
+        )
         self.finished = len(ids)
         self.final_statuses = Counter(status(j) for j in ids)
         self.duplicates = sum(max(0, result_events(redis_client, j) - 1) for j in ids)
         assert all(result_events(redis_client, j) == 1 for j in ids), f"{self.fault}: a job has no or two results"
         # jobs the service created without a client seeing an id: OpenAI-route results, and submits that
         # timed out while Redis was paused and ran once it resumed; they too must finish exactly once
-        others = [k[len("fastcache:job:"):] for k in redis_client.scan_iter("fastcache:job:*")
-                  if not k.endswith(":attempts") and k[len("fastcache:job:"):] not in self.accepted]
+        others = [
+            k[len("fastcache:job:") :]
+            for k in redis_client.scan_iter("fastcache:job:*")
+            if not k.endswith(":attempts") and k[len("fastcache:job:") :] not in self.accepted
+        ]
 
         def others_finished() -> bool:
             records = [json.loads(redis_client.get(f"fastcache:job:{j}") or '{"status": "gone"}') for j in others]
@@ -143,12 +163,16 @@ class FaultLedger:
         print(f"\nreliability {self.fault}: {json.dumps(self.figures())}")
 
     def figures(self) -> dict[str, Any]:
-        return {"fault": self.fault, "faults_injected": self.injected,
-                "jobs_accepted": len(self.accepted) + self.openai_accepted,
-                "jobs_finished": self.finished + self.openai_accepted, "duplicates": self.duplicates,
-                "final_statuses": dict(sorted(self.final_statuses.items())),
-                "unacknowledged_jobs_finished": self.unacknowledged,
-                "answers_by_status": dict(sorted(self.answers.items()))}
+        return {
+            "fault": self.fault,
+            "faults_injected": self.injected,
+            "jobs_accepted": len(self.accepted) + self.openai_accepted,
+            "jobs_finished": self.finished + self.openai_accepted,
+            "duplicates": self.duplicates,
+            "final_statuses": dict(sorted(self.final_statuses.items())),
+            "unacknowledged_jobs_finished": self.unacknowledged,
+            "answers_by_status": dict(sorted(self.answers.items())),
+        }
 
 
 def result_events(redis_client: Any, job_id: str) -> int:

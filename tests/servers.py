@@ -29,8 +29,15 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"FASTCACHE_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "FASTCACHE_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     env.update(extra)
     return env
 
@@ -40,10 +47,13 @@ class Process:
 
     def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env or child_env(),
-                                     cwd=REPO, start_new_session=True)
+        fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
+        self.log_path = Path(path)
+        # the child writes through its own copy of the descriptor; ours can close once it has started
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env or child_env(), cwd=REPO, start_new_session=True
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -60,25 +70,27 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self._log.close()
         return self.proc.returncode
 
 
 class Server(Process):
     """``python -m service`` on a free loopback port."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True, port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *flags],
-                         "server", env)
+        super().__init__(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *flags], "server", env
+        )
         if wait_ready:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        wait_until(lambda: _ok(f"{self.url}/readyz"), timeout, lambda: f"server not ready:\n{self.log()}",
-                   process=self.proc)
+        wait_until(
+            lambda: _ok(f"{self.url}/readyz"), timeout, lambda: f"server not ready:\n{self.log()}", process=self.proc
+        )
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120.0), **kwargs)
@@ -93,11 +105,25 @@ class WorkerProcess(Process):
     def __init__(self, redis_url: str, *flags: str, wait_ready: bool = True) -> None:
         self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.metrics_port}"
-        super().__init__([sys.executable, "-m", "service.worker", "--redis", redis_url, "--host", "127.0.0.1",
-                          "--metrics-port", str(self.metrics_port), *flags], "worker")
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "service.worker",
+                "--redis",
+                redis_url,
+                "--host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(self.metrics_port),
+                *flags,
+            ],
+            "worker",
+        )
         if wait_ready:
-            wait_until(lambda: _ok(f"{self.url}/readyz"), 120, lambda: f"worker not ready:\n{self.log()}",
-                       process=self.proc)
+            wait_until(
+                lambda: _ok(f"{self.url}/readyz"), 120, lambda: f"worker not ready:\n{self.log()}", process=self.proc
+            )
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -113,8 +139,9 @@ class RedisServer(Process):
         persistence = ["--save", "", "--appendonly", "no"]
         if data_dir is not None:  # an append-only file: data survives a restart, as in production
             persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)]
-        super().__init__([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "no",
-                          *persistence], "redis")
+        super().__init__(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "no", *persistence], "redis"
+        )
         wait_until(self.ping, 20, lambda: f"redis did not start:\n{self.log()}", process=self.proc)
 
     def client(self):
@@ -145,8 +172,13 @@ def _ok(url: str) -> bool:
         return False
 
 
-def wait_until(condition, timeout: float, message=lambda: "timed out", process: subprocess.Popen | None = None,
-               interval: float = 0.1) -> None:
+def wait_until(
+    condition,
+    timeout: float,
+    message=lambda: "timed out",
+    process: subprocess.Popen | None = None,
+    interval: float = 0.1,
+) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -170,5 +202,5 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             key, _, value = line.rpartition(" ")
-            values[key[len(name):]] = float(value)
+            values[key[len(name) :]] = float(value)
     return values

@@ -22,7 +22,7 @@ def test_each_sample_in_a_mixed_batch_equals_its_solo_run(tiny_dit):
     cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig())
     try:
         batched, batched_stats = denoise(tiny_dit, cache, MIXED, STEPS)
-        for sample, image, stats in zip(MIXED, batched, batched_stats):
+        for sample, image, stats in zip(MIXED, batched, batched_stats, strict=True):
             (solo,), (solo_stats,) = denoise(tiny_dit, cache, [sample], STEPS)
             torch.testing.assert_close(image, solo, rtol=1e-4, atol=1e-5)
             assert stats.blocks_approximated == solo_stats.blocks_approximated
@@ -37,13 +37,23 @@ def test_each_sample_in_a_mixed_batch_equals_its_solo_run(tiny_dit):
 def test_batch_invariance_holds_with_a_calibrated_profile_and_the_guard_on(tiny_dit):
     from fastcache_core.calibration import calibrate
 
-    profile, _ = calibrate(tiny_dit, num_samples=8, batch_size=4, num_inference_steps=STEPS, guidance_scale=2.0,
-                           num_phases=4, max_gap=3, tune_defaults=False, save_to=False, progress=False)
+    profile, _ = calibrate(
+        tiny_dit,
+        num_samples=8,
+        batch_size=4,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
+        num_phases=4,
+        max_gap=3,
+        tune_defaults=False,
+        save_to=False,
+        progress=False,
+    )
     profile.metadata["guard_slack"] = 1.0  # the chi-square guard measures every sample's forecast error
     cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig(calibration=profile))
     try:
         batched, stats = denoise(tiny_dit, cache, MIXED, STEPS)
-        for sample, image in zip(MIXED, batched):
+        for sample, image in zip(MIXED, batched, strict=True):
             (solo,), _ = denoise(tiny_dit, cache, [sample], STEPS)
             torch.testing.assert_close(image, solo, rtol=1e-4, atol=1e-5)
     finally:

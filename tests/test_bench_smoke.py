@@ -9,12 +9,24 @@ import sys
 import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROW_KEYS = {"method", "params", "speedup", "mac_fraction", "psnr_db", "ssim", "class_accuracy", "fid", "peak_mem_bytes",
-            "overhead_fraction", "fastcache_margin_db"}
+ROW_KEYS = {
+    "method",
+    "params",
+    "speedup",
+    "mac_fraction",
+    "psnr_db",
+    "ssim",
+    "class_accuracy",
+    "fid",
+    "peak_mem_bytes",
+    "overhead_fraction",
+    "fastcache_margin_db",
+}
 # cache-dit is an optional bench extra: its rows exist only where it is installed
 OPTIONAL_METHODS = {"cachedit": importlib.util.find_spec("cache_dit") is not None}
 METHODS = {"none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache"} | {
-    method for method, installed in OPTIONAL_METHODS.items() if installed}
+    method for method, installed in OPTIONAL_METHODS.items() if installed
+}
 
 
 def finite(value):
@@ -25,8 +37,24 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     from bench import cache
 
     out, plot = tmp_path / "cache.json", tmp_path / "cache.png"
-    cache.main(["--model", str(tiny_dit_dir), "--quick", "--samples", "2", "--steps", "6", "--threads", "1",
-                "--no-progress", "--json", str(out), "--plot", str(plot)])
+    cache.main(
+        [
+            "--model",
+            str(tiny_dit_dir),
+            "--quick",
+            "--samples",
+            "2",
+            "--steps",
+            "6",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and rows
     for row in rows:
@@ -46,11 +74,19 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     assert [r["method"] for r in rows].count("none") == 1
     fastcache = [r for r in rows if r["method"] == "fastcache"]
     assert sum(r["params"].get("setting") == "default" for r in fastcache) == 1
-    tolerances = {r["params"]["tolerance"] for r in fastcache if r["params"].get("setting") in ("default", "tolerance_sweep")}
+    tolerances = {
+        r["params"]["tolerance"] for r in fastcache if r["params"].get("setting") in ("default", "tolerance_sweep")
+    }
     assert len(tolerances) >= 5
     ablations = {r["params"].get("ablation") for r in fastcache if r["params"].get("setting") == "ablation"}
-    assert {"block_cache_only", "token_selection_only", "block_cache+token_selection",
-            "block_cache+token_selection+merge", "block_cache+merge", "uncalibrated"} <= ablations
+    assert {
+        "block_cache_only",
+        "token_selection_only",
+        "block_cache+token_selection",
+        "block_cache+token_selection+merge",
+        "block_cache+merge",
+        "uncalibrated",
+    } <= ablations
     assert any(r["params"].get("implementation") == "fastcache per-sample" for r in rows if r["method"] == "taylorseer")
     assert len([r for r in rows if r["method"] == "teacache"]) >= 3
     for peer in METHODS - {"none", "fastcache", "teacache"}:
@@ -64,8 +100,24 @@ def test_bench_cache_methods_filter(tiny_dit_dir, tmp_path):
     from bench import cache
 
     out = tmp_path / "cache.json"
-    rows = cache.main(["--model", str(tiny_dit_dir), "--quick", "--samples", "1", "--steps", "4", "--threads", "1",
-                       "--no-progress", "--methods", "pab", "--json", str(out)])
+    rows = cache.main(
+        [
+            "--model",
+            str(tiny_dit_dir),
+            "--quick",
+            "--samples",
+            "1",
+            "--steps",
+            "4",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--methods",
+            "pab",
+            "--json",
+            str(out),
+        ]
+    )
     assert [r["method"] for r in rows] == ["none", "pab", "pab"]
     assert json.loads(out.read_text()) == rows
 
@@ -75,8 +127,22 @@ def test_bench_cache_skips_cachedit_rows_without_cache_dit(tiny_dit_dir, monkeyp
 
     monkeypatch.setitem(sys.modules, "cache_dit", None)  # makes `import cache_dit` fail, as when not installed
     with caplog.at_level(logging.WARNING, logger="bench.cache"):
-        rows = cache.main(["--model", str(tiny_dit_dir), "--quick", "--samples", "1", "--steps", "4", "--threads", "1",
-                           "--no-progress", "--methods", "cachedit"])
+        rows = cache.main(
+            [
+                "--model",
+                str(tiny_dit_dir),
+                "--quick",
+                "--samples",
+                "1",
+                "--steps",
+                "4",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--methods",
+                "cachedit",
+            ]
+        )
     assert [r["method"] for r in rows] == ["none"]
     assert "cachedit rows skipped: cache-dit is not installed" in caplog.text
 
@@ -85,9 +151,30 @@ def test_bench_serve_quick_on_a_tiny_model(tiny_dit_dir, tmp_path):
     from bench import serve
 
     out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
-    result = serve.main(["--model", str(tiny_dit_dir), "--quick", "--batch-sizes", "1,4", "--load-factors", "1,4",
-                         "--requests", "6", "--steps", "3", "--warmup", "2", "--mixed-cache", "--ready-timeout", "120",
-                         "--json", str(out), "--plot", str(plot)])
+    result = serve.main(
+        [
+            "--model",
+            str(tiny_dit_dir),
+            "--quick",
+            "--batch-sizes",
+            "1,4",
+            "--load-factors",
+            "1,4",
+            "--requests",
+            "6",
+            "--steps",
+            "3",
+            "--warmup",
+            "2",
+            "--mixed-cache",
+            "--ready-timeout",
+            "120",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert finite(data["throughput_ratio_batched_vs_single"]) and data["throughput_ratio_batched_vs_single"] > 0
@@ -96,8 +183,15 @@ def test_bench_serve_quick_on_a_tiny_model(tiny_dit_dir, tmp_path):
     assert len(rows) == 4  # 2 configurations x 2 rates
     for row in rows:
         assert row["requests"] == 6 and row["completed"] == 6, row
-        for key in ("rate_rps", "throughput_images_per_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
-                    "queue_wait_mean_s", "batch_size_mean"):
+        for key in (
+            "rate_rps",
+            "throughput_images_per_s",
+            "latency_p50_s",
+            "latency_p95_s",
+            "latency_p99_s",
+            "queue_wait_mean_s",
+            "batch_size_mean",
+        ):
             assert finite(row[key]) and row[key] >= 0, (key, row)
         assert row["latency_p50_s"] <= row["latency_p95_s"] <= row["latency_p99_s"]
         assert 1 <= row["batch_size_max"] <= row["max_batch_size"]
@@ -113,19 +207,55 @@ def test_bench_cache_rejects_bad_flags(argv):
         cache.parse_args(argv)
 
 
-MIX_KEYS = {"mix", "mixed_efficiency", "expected_capacity_images_per_s", "mixed_capacity_images_per_s", "load_factor",
-            "mixed_rate_rps", "failed", "kinds"}
-KIND_KEYS = {"kind", "weight", "request", "capacity_images_per_s", "completed", "requests", "latency_p50_s",
-             "latency_p95_s", "latency_p99_s", "alone_rate_rps", "alone_latency_p50_s", "alone_latency_p95_s",
-             "alone_latency_p99_s", "p99_vs_alone"}
+MIX_KEYS = {
+    "mix",
+    "mixed_efficiency",
+    "expected_capacity_images_per_s",
+    "mixed_capacity_images_per_s",
+    "load_factor",
+    "mixed_rate_rps",
+    "failed",
+    "kinds",
+}
+KIND_KEYS = {
+    "kind",
+    "weight",
+    "request",
+    "capacity_images_per_s",
+    "completed",
+    "requests",
+    "latency_p50_s",
+    "latency_p95_s",
+    "latency_p99_s",
+    "alone_rate_rps",
+    "alone_latency_p50_s",
+    "alone_latency_p95_s",
+    "alone_latency_p99_s",
+    "p99_vs_alone",
+}
 
 
 def test_bench_serve_mix_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     from bench import serve
 
     out = tmp_path / "mix.json"
-    result = serve.main(["--model", str(tiny_dit_dir), "--mix", "--batch-sizes", "4", "--requests", "5",
-                         "--steps", "2", "--ready-timeout", "120", "--json", str(out)])
+    result = serve.main(
+        [
+            "--model",
+            str(tiny_dit_dir),
+            "--mix",
+            "--batch-sizes",
+            "4",
+            "--requests",
+            "5",
+            "--steps",
+            "2",
+            "--ready-timeout",
+            "120",
+            "--json",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert set(data["mixed_efficiency"]) == {"resolutions", "steps", "cache"}
@@ -162,8 +292,12 @@ def test_bench_serve_rejects_bad_mix_flags(argv):
 def test_fastcache_margin_interpolates_along_the_tolerance_sweep():
     from bench.cache import fastcache_margins
 
-    sweep = [{"method": "fastcache", "params": {"setting": s}, "mac_fraction": m, "psnr_db": p}
-             for s, m, p in (("default", 0.2, 40.0), ("tolerance_sweep", 0.4, 50.0))]
-    peers = [{"method": "seacache", "params": {}, "mac_fraction": 0.3, "psnr_db": 44.0},
-             {"method": "taylorseer", "params": {}, "mac_fraction": 0.6, "psnr_db": 55.0}]
+    sweep = [
+        {"method": "fastcache", "params": {"setting": s}, "mac_fraction": m, "psnr_db": p}
+        for s, m, p in (("default", 0.2, 40.0), ("tolerance_sweep", 0.4, 50.0))
+    ]
+    peers = [
+        {"method": "seacache", "params": {}, "mac_fraction": 0.3, "psnr_db": 44.0},
+        {"method": "taylorseer", "params": {}, "mac_fraction": 0.6, "psnr_db": 55.0},
+    ]
     assert fastcache_margins(sweep + peers) == [None, None, 1.0, None]  # 45 - 44; 0.6 is outside the sweep

@@ -13,8 +13,9 @@ from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
 from fastcache_core.calibration import FitStatistics, calibrate
 from fastcache_core.profile import CALIBRATION_FILENAME, CacheProfile
 
-SETTINGS = dict(num_samples=8, batch_size=4, num_inference_steps=10, guidance_scale=2.0, num_phases=4, max_gap=3,
-                progress=False)
+SETTINGS = dict(
+    num_samples=8, batch_size=4, num_inference_steps=10, guidance_scale=2.0, num_phases=4, max_gap=3, progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,20 @@ def recorded_outputs(pipe, labels, seed):
     outputs, times = [], []
     last = pipe.transformer.transformer_blocks[-1]
     weight = pipe.transformer.proj_out_2.weight.detach().double()
-    hooks = [last.register_forward_hook(lambda m, a, o: outputs.append(o.detach().double() @ weight.T)),
-             pipe.transformer.register_forward_pre_hook(
-                 lambda m, a, k: times.append(float(k["timestep"].reshape(-1)[0]) / 1000.0), with_kwargs=True)]
+    hooks = [
+        last.register_forward_hook(lambda m, a, o: outputs.append(o.detach().double() @ weight.T)),
+        pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: times.append(float(k["timestep"].reshape(-1)[0]) / 1000.0), with_kwargs=True
+        ),
+    ]
     try:
-        pipe(labels, guidance_scale=2.0, num_inference_steps=10, generator=torch.Generator().manual_seed(seed),
-             output_type="pt")
+        pipe(
+            labels,
+            guidance_scale=2.0,
+            num_inference_steps=10,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -50,7 +59,7 @@ def test_the_streamed_fit_equals_a_fit_from_every_step_in_memory(tiny_dit):
         for t in range(len(outputs)):
             phase = phase_of(times[t], 4)
             y = outputs[t]
-            norm = (y.pow(2).flatten(1).sum(1)[:4] + y.pow(2).flatten(1).sum(1)[4:])
+            norm = y.pow(2).flatten(1).sum(1)[:4] + y.pow(2).flatten(1).sum(1)[4:]
             for gap in range(1, 4):
                 if t - 2 * gap < 0:
                     break
@@ -113,8 +122,13 @@ def test_calibration_is_saved_beside_the_model_and_its_default_is_loaded(tiny_di
 
 def test_request_params_override_calibrated_defaults(calibrated, tiny_dit):
     profile, _ = calibrated
-    profile = CacheProfile(profile.num_phases, profile.forecast_gain, profile.error_floor, profile.tolerance_weight,
-                           {**profile.metadata, "default_params": {"tolerance": 0.3}})
+    profile = CacheProfile(
+        profile.num_phases,
+        profile.forecast_gain,
+        profile.error_floor,
+        profile.tolerance_weight,
+        {**profile.metadata, "default_params": {"tolerance": 0.3}},
+    )
     cache = apply_fastcache(tiny_dit.transformer, FastCacheConfig(calibration=profile))
     try:
         cache.add_sample("a", CacheParams(significance=0.1))
@@ -129,9 +143,29 @@ def test_request_params_override_calibrated_defaults(calibrated, tiny_dit):
 def test_fastcache_calibrate_writes_the_profile_and_reports_it(tiny_dit_dir, tmp_path):
     out = tmp_path / "profile.safetensors"
     result = subprocess.run(
-        [sys.executable, "-m", "fastcache_core.calibration", str(tiny_dit_dir), "--samples", "4", "--batch-size", "4",
-         "--steps", "6", "--guidance-scale", "2.0", "--no-tune", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "fastcache_core.calibration",
+            str(tiny_dit_dir),
+            "--samples",
+            "4",
+            "--batch-size",
+            "4",
+            "--steps",
+            "6",
+            "--guidance-scale",
+            "2.0",
+            "--no-tune",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["saved"] == str(out) and out.is_file()
@@ -140,6 +174,10 @@ def test_fastcache_calibrate_writes_the_profile_and_reports_it(tiny_dit_dir, tmp
 
 
 def test_fastcache_calibrate_refuses_a_missing_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fastcache_core.calibration", str(tmp_path / "nope")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcache_core.calibration", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "is not a directory" in result.stderr

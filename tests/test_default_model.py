@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiTPipeline
 
 from fastcache_core import FastCacheConfig, apply_fastcache
 from fastcache_core.profile import CALIBRATION_FILENAME
 from models.digits_dit.data import DigitClassifier, load_digits_split
+from models.pipeline_io import load_dit_pipeline
 from service.settings import DEFAULT_MODEL
 
 MODEL = Path(DEFAULT_MODEL)
@@ -16,13 +16,13 @@ MODEL = Path(DEFAULT_MODEL)
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = DiTPipeline.from_pretrained(MODEL)
+    p = load_dit_pipeline(MODEL)
     p.set_progress_bar_config(disable=True)
     return p
 
 
 def test_the_service_default_is_the_bundled_model():
-    assert MODEL == Path(__file__).resolve().parents[1] / "models" / "digits-dit"
+    assert Path(__file__).resolve().parents[1] / "models" / "digits-dit" == MODEL
 
 
 def test_label_names_map_to_class_ids(pipe):
@@ -30,9 +30,13 @@ def test_label_names_map_to_class_ids(pipe):
 
 
 def test_generates_on_cpu_and_labels_change_the_image(pipe):
-    images = pipe([3, 8], guidance_scale=1.5, num_inference_steps=8,
-                  generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)],
-                  output_type="pt").images
+    images = pipe(
+        [3, 8],
+        guidance_scale=1.5,
+        num_inference_steps=8,
+        generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)],
+        output_type="pt",
+    ).images
     assert images.shape == (2, 1, 32, 32)
     assert torch.isfinite(images).all()
     assert (images[0] - images[1]).abs().mean() > 0.02  # same noise, different digit

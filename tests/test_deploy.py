@@ -183,8 +183,18 @@ def test_overlay_objects_validate(rendered, overlay):
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{kind}/{name} outside {NAMESPACE}"
         assert obj["metadata"]["labels"].get("app.kubernetes.io/part-of") == "fastcache", f"{kind}/{name}"
     assert not errors, "\n".join(errors)
-    assert {"Namespace", "ConfigMap", "Deployment", "Service", "StatefulSet", "HorizontalPodAutoscaler",
-            "PodDisruptionBudget", "ServiceMonitor", "ScaledObject", "PrometheusRule"} <= kinds
+    assert {
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "StatefulSet",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "ScaledObject",
+        "PrometheusRule",
+    } <= kinds
 
 
 def test_validators_reject_broken_objects(rendered):
@@ -214,8 +224,11 @@ def test_references_resolve(rendered, overlay):
     workloads = {**objects(docs, "Deployment"), **objects(docs, "StatefulSet")}
     services = objects(docs, "Service")
     for name, service in services.items():
-        backing = [w for w in workloads.values() if selects(service["spec"]["selector"],
-                                                            w["spec"]["template"]["metadata"]["labels"])]
+        backing = [
+            w
+            for w in workloads.values()
+            if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
         assert len(backing) == 1, f"Service {name} selects {len(backing)} workloads"
         ports = {p["name"] for c in pod_spec(backing[0])["containers"] for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
@@ -231,8 +244,9 @@ def test_references_resolve(rendered, overlay):
             target = scaler["spec"]["scaleTargetRef"]
             assert target.get("kind", "Deployment") == "Deployment" and target["name"] in workloads, name
     for name, budget in objects(docs, "PodDisruptionBudget").items():
-        assert any(selects(budget["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
-                   for w in workloads.values()), f"PodDisruptionBudget {name} selects nothing"
+        assert any(
+            selects(budget["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in workloads.values()
+        ), f"PodDisruptionBudget {name} selects nothing"
     for workload in workloads.values():
         for c in pod_spec(workload)["containers"]:
             container_env(docs, c)  # every envFrom ConfigMap exists
@@ -264,8 +278,11 @@ def test_worker_autoscaling_on_the_redis_stream(rendered, overlay):
     for trigger in triggers:
         meta = trigger["metadata"]
         # the stream and consumer group the service really uses
-        assert (meta["stream"], meta["consumerGroup"]) == (LAYOUT.stream, LAYOUT.group) == \
-            ("fastcache:jobs", "fastcache-workers")
+        assert (
+            (meta["stream"], meta["consumerGroup"])
+            == (LAYOUT.stream, LAYOUT.group)
+            == ("fastcache:jobs", "fastcache-workers")
+        )
         assert meta["addressFromEnv"] in env, f"{meta['addressFromEnv']} is not in the worker's environment"
         assert re.fullmatch(r"[a-z0-9.-]+:\d+", env[meta["addressFromEnv"]]), "KEDA wants host:port"
         kinds |= {k for k in ("pendingEntriesCount", "lagCount") if k in meta}
@@ -327,12 +344,16 @@ def test_gpu_request_and_images_per_overlay(rendered):
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(cpu), "cpu-local must request no GPU"
     assert config_data(cpu)["FASTCACHE_DEVICE"] == "cpu"
     for docs in (gpu, cpu):
-        images = {c["image"] for w in [*objects(docs, "Deployment").values(), *objects(docs, "StatefulSet").values()]
-                  for c in pod_spec(w)["containers"]}
+        images = {
+            c["image"]
+            for w in [*objects(docs, "Deployment").values(), *objects(docs, "StatefulSet").values()]
+            for c in pod_spec(w)["containers"]
+        }
         placeholders = [i for i in images if i.startswith(("fastcache-serve-api", "fastcache-serve-worker"))]
         assert not placeholders, f"base image placeholders left: {placeholders}"
-    assert {c["image"] for w in objects(cpu, "Deployment").values() for c in pod_spec(w)["containers"]} \
-        == {"fastcache-serve:cpu"}
+    assert {c["image"] for w in objects(cpu, "Deployment").values() for c in pod_spec(w)["containers"]} == {
+        "fastcache-serve:cpu"
+    }
 
 
 def test_monitoring_objects_come_from_the_single_sources(rendered, dashboard):
@@ -341,8 +362,9 @@ def test_monitoring_objects_come_from_the_single_sources(rendered, dashboard):
         assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert json.loads(board["data"]["fastcache-dashboard.json"]) == dashboard
         rule = one(docs, "PrometheusRule", "fastcache-alerts")
-        assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], \
+        assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], (
             "PrometheusRule differs from alerts.yml: run python deploy/prometheus/sync_prometheusrule.py"
+        )
         jobs = set(objects(docs, "Service"))
         assert {"fastcache-api", "fastcache-worker"} <= jobs  # job label of the ServiceMonitor targets
     check = run([sys.executable, str(DEPLOY / "prometheus" / "sync_prometheusrule.py"), "--check"])
@@ -353,10 +375,16 @@ def test_shared_model_cache_component(tmp_path):
     """The optional component swaps the workers' model cache to a ReadWriteMany PVC."""
     import kubernetes_validate
 
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(DEPLOY / "overlays" / "gpu-cluster", tmp_path)],
-        "components": [os.path.relpath(DEPLOY / "components" / "shared-model-cache", tmp_path)]}))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY / "overlays" / "gpu-cluster", tmp_path)],
+                "components": [os.path.relpath(DEPLOY / "components" / "shared-model-cache", tmp_path)],
+            }
+        )
+    )
     docs = kustomize(tmp_path)
     claim = one(docs, "PersistentVolumeClaim", "fastcache-models")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -378,8 +406,9 @@ def test_promtool_checks_rules_and_config():
 def test_promtool_rule_unit_tests_pass_and_cover_high_latency():
     result = run([tool("promtool"), "test", "rules", str(ALERTS_TEST)])
     assert result.returncode == 0, result.stdout + result.stderr
-    cases = [case for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
-             for case in test.get("alert_rule_test", [])]
+    cases = [
+        case for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"] for case in test.get("alert_rule_test", [])
+    ]
     assert any(c["alertname"] == "FastCacheHighLatencyP95" and c["exp_alerts"] for c in cases)
 
 
@@ -394,8 +423,12 @@ def test_promtool_rule_unit_tests_catch_a_broken_rule(tmp_path):
 
 
 def test_alert_rules_cover_the_required_conditions():
-    rules = {rule["alert"]: rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
-             for rule in group["rules"] if "alert" in rule}
+    rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
     required = {
         "FastCacheHighLatencyP95": "fastcache_request_duration_seconds_bucket",
         "FastCacheHighErrorRate": 'status=~"5..',
@@ -416,13 +449,18 @@ def test_alert_rules_cover_the_required_conditions():
 
 # ============================================================================ metrics vs. the service
 def test_metric_name_resolution_can_fail():
-    text = ("# TYPE fastcache_batch_size histogram\nfastcache_batch_size_bucket{le=\"1\"} 1\n"
-            "# TYPE fastcache_images_generated_total counter\n")
+    text = (
+        '# TYPE fastcache_batch_size histogram\nfastcache_batch_size_bucket{le="1"} 1\n'
+        "# TYPE fastcache_images_generated_total counter\n"
+    )
     assert missing_metrics(metric_names("rate(fastcache_batch_size_bucket[5m])"), text) == []
     assert missing_metrics({"fastcache_images_generated_total"}, text) == []
-    assert missing_metrics(metric_names('sum(rate(fastcache_requests_total{job="fastcache-api"}[5m]))'), text) \
-        == ["fastcache_requests_total"]
-    assert missing_metrics({"fastcache_images_generated_total_bucket"}, text) == ["fastcache_images_generated_total_bucket"]
+    assert missing_metrics(metric_names('sum(rate(fastcache_requests_total{job="fastcache-api"}[5m]))'), text) == [
+        "fastcache_requests_total"
+    ]
+    assert missing_metrics({"fastcache_images_generated_total_bucket"}, text) == [
+        "fastcache_images_generated_total_bucket"
+    ]
 
 
 def used_metrics(dashboard: dict) -> dict[str, set[str]]:
@@ -477,16 +515,20 @@ def test_every_dashboard_query_returns_data(scraped, dashboard, tmp_path):
     exprs = [interpolate(t["expr"]) for _, t in dashboard_targets(dashboard)]
     leftover = [e for e in exprs if "$" in e]
     assert not leftover, f"unknown dashboard variables in {leftover}"
-    test = promtool_data_test(exposition, exprs, {"namespace": NAMESPACE, "pod": "fastcache-worker-0",
-                                                  "job": "fastcache-worker", "instance": "10.0.0.1:9100"},
-                              extra_statuses=("499", "500", "503", "504"))
+    test = promtool_data_test(
+        exposition,
+        exprs,
+        {"namespace": NAMESPACE, "pod": "fastcache-worker-0", "job": "fastcache-worker", "instance": "10.0.0.1:9100"},
+        extra_statuses=("499", "500", "503", "504"),
+    )
     path = tmp_path / "dashboard_test.yml"
     path.write_text(yaml.safe_dump(test, sort_keys=False))
     result = run([tool("promtool"), "test", "rules", str(path)])
     assert result.returncode == 0, f"dashboard queries without data:\n{result.stdout}{result.stderr}"
     # and the check itself can fail: a label value the service never exports
-    bad = promtool_data_test(exposition, ['sum(rate(fastcache_block_decisions_total{result="skipped"}[1m]))'],
-                             {"pod": "p"})
+    bad = promtool_data_test(
+        exposition, ['sum(rate(fastcache_block_decisions_total{result="skipped"}[1m]))'], {"pod": "p"}
+    )
     path.write_text(yaml.safe_dump(bad, sort_keys=False))
     assert run([tool("promtool"), "test", "rules", str(path)]).returncode != 0
 
@@ -522,10 +564,19 @@ def test_dashboard_structure(dashboard):
     undocumented = [t for t in titles if f"| {t} |" not in readme]
     assert not undocumented, f"panels missing from deploy/README.md: {undocumented}"
     exprs = " ".join(t["expr"] for _, t in dashboard_targets(dashboard))
-    for needle in ("histogram_quantile", "fastcache_request_duration_seconds_bucket", "fastcache_queue_depth",
-                   "fastcache_queue_wait_seconds_bucket", "fastcache_batch_size", "fastcache_cache_hit_ratio",
-                   "fastcache_tokens_computed_fraction", 'result="approximated"', "fastcache_device_memory",
-                   "fastcache_rejected_requests_total", 'status=~"5.."'):
+    for needle in (
+        "histogram_quantile",
+        "fastcache_request_duration_seconds_bucket",
+        "fastcache_queue_depth",
+        "fastcache_queue_wait_seconds_bucket",
+        "fastcache_batch_size",
+        "fastcache_cache_hit_ratio",
+        "fastcache_tokens_computed_fraction",
+        'result="approximated"',
+        "fastcache_device_memory",
+        "fastcache_rejected_requests_total",
+        'status=~"5.."',
+    ):
         assert needle in exprs, needle
 
 
@@ -534,12 +585,13 @@ def test_container_healthcheck_script(scraped):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FASTCACHE_")}
 
     def check(**env: str) -> int:
-        return subprocess.run([sys.executable, str(HEALTHCHECK)], env={**base, **env},
-                              capture_output=True, timeout=30).returncode
+        return subprocess.run(
+            [sys.executable, str(HEALTHCHECK)], env={**base, **env}, capture_output=True, timeout=30
+        ).returncode
 
     closed = str(free_port())
-    assert check(FASTCACHE_PORT=str(server.port), FASTCACHE_METRICS_PORT=closed) == 0   # the API
-    assert check(FASTCACHE_PORT=closed, FASTCACHE_METRICS_PORT=str(server.port)) == 0   # a worker
+    assert check(FASTCACHE_PORT=str(server.port), FASTCACHE_METRICS_PORT=closed) == 0  # the API
+    assert check(FASTCACHE_PORT=closed, FASTCACHE_METRICS_PORT=str(server.port)) == 0  # a worker
     assert check(FASTCACHE_PORT=closed, FASTCACHE_METRICS_PORT=closed) == 1
     assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
@@ -586,7 +638,7 @@ def test_compose_stack_is_complete_and_self_contained():
     assert set(flags) <= set(WORKER_FLAGS), flags
     for service, allowed in ((api, SERVE_FLAGS), (worker, WORKER_FLAGS)):
         keys = [k for k in service.get("environment") or {} if k.startswith("FASTCACHE_")]
-        unknown = [k for k in keys if k[10:].lower() not in Settings.model_fields]
+        unknown = [k for k in keys if k[10:].lower() not in allowed]
         assert not unknown, unknown
     timeout = Settings.model_fields["request_timeout"].default
     for name in ("api", "worker"):
@@ -643,15 +695,21 @@ def deployed_redis(rendered) -> dict[str, tuple[list[str], set[str]]]:
     service = compose["services"]["redis"]
     assert service["command"][0] == "redis-server"
     named = set(compose.get("volumes") or {})
-    out = {"docker-compose.yml": (service["command"][1:],
-                                  {v.split(":")[1] for v in service.get("volumes") or [] if v.split(":")[0] in named})}
+    out = {
+        "docker-compose.yml": (
+            service["command"][1:],
+            {v.split(":")[1] for v in service.get("volumes") or [] if v.split(":")[0] in named},
+        )
+    }
     for overlay, docs in rendered.items():
         statefulset = one(docs, "StatefulSet", "fastcache-redis")
         c = container(statefulset, "redis")
         assert "command" not in c, "the image's entrypoint runs redis-server with the args"
         claims = {t["metadata"]["name"] for t in statefulset["spec"].get("volumeClaimTemplates") or []}
-        out[overlay] = ([str(a) for a in c["args"]],
-                        {m["mountPath"] for m in c.get("volumeMounts") or [] if m["name"] in claims})
+        out[overlay] = (
+            [str(a) for a in c["args"]],
+            {m["mountPath"] for m in c.get("volumeMounts") or [] if m["name"] in claims},
+        )
     return out
 
 
@@ -671,8 +729,14 @@ def test_redis_with_the_deployed_arguments_keeps_jobs_across_a_kill(rendered, tm
     args, _ = deployed_redis(rendered)[where]
     args = [str(tmp_path) if i > 0 and args[i - 1] == "--dir" else a for i, a in enumerate(args)]
     port = free_port()
-    command = [shutil.which("redis-server") or "/usr/bin/redis-server", *args,
-               "--port", str(port), "--bind", "127.0.0.1"]
+    command = [
+        shutil.which("redis-server") or "/usr/bin/redis-server",
+        *args,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+    ]
 
     def start() -> subprocess.Popen:
         process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -683,6 +747,7 @@ def test_redis_with_the_deployed_arguments_keeps_jobs_across_a_kill(rendered, tm
                 return bool(client.ping())
             except redis.exceptions.RedisError:
                 return False
+
         wait_until(up, 20, lambda: f"redis-server {args} did not start", process=process)
         return process
 
@@ -691,8 +756,11 @@ def test_redis_with_the_deployed_arguments_keeps_jobs_across_a_kill(rendered, tm
         client = redis.Redis(port=port, decode_responses=True)
         client.xadd(LAYOUT.stream, {"job": "before-the-kill"})
         # appendfsync everysec may postpone the write by a moment: kill once it is in the file
-        wait_until(lambda: any(b"before-the-kill" in f.read_bytes() for f in tmp_path.rglob("*.aof")), 20,
-                   lambda: f"no append-only file with the job in {sorted(tmp_path.rglob('*'))}")
+        wait_until(
+            lambda: any(b"before-the-kill" in f.read_bytes() for f in tmp_path.rglob("*.aof")),
+            20,
+            lambda: f"no append-only file with the job in {sorted(tmp_path.rglob('*'))}",
+        )
         process.kill()
         process.wait(timeout=10)
         process = start()
@@ -720,7 +788,7 @@ def test_dockerfile_variants_user_healthcheck_and_model():
     assert '"torch==${TORCH_VERSION}"' in text
     assert any(w == "RUN" and re.search(r"pip install \.(\s|$)", a) for w, a in steps)
 
-    runtime = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM"):]
+    runtime = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM") :]
     users = [a for w, a in runtime if w == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "the runtime stage must run as non-root"
     env = {}
@@ -755,11 +823,25 @@ def test_dockerfile_variants_user_healthcheck_and_model():
 
 
 def test_dockerignore_keeps_the_context_small():
-    for path in (".venv/bin/python", ".git/HEAD", "bench/out/result.json", "service/__pycache__/x.pyc",
-                 "fastcache_serve.egg-info/PKG-INFO", ".pytest_cache/v", "tests/test_deploy.py"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "bench/out/result.json",
+        "service/__pycache__/x.pyc",
+        "fastcache_serve.egg-info/PKG-INFO",
+        ".pytest_cache/v",
+        "tests/test_deploy.py",
+    ):
         assert dockerignore_excludes(DOCKERIGNORE, path), f"{path} would be sent to the Docker daemon"
-    for path in ("service/cli.py", "fastcache_core/cache.py", "models/digits-dit/vae/config.json",
-                 "deploy/docker/healthcheck.py", "deploy/docker/bundle-models.sh", "pyproject.toml", "README.md"):
+    for path in (
+        "service/cli.py",
+        "fastcache_core/cache.py",
+        "models/digits-dit/vae/config.json",
+        "deploy/docker/healthcheck.py",
+        "deploy/docker/bundle-models.sh",
+        "pyproject.toml",
+        "README.md",
+    ):
         assert not dockerignore_excludes(DOCKERIGNORE, path), f"{path} is needed by the build"
     for path in ("deploy/docker/build-local.sh", "deploy/docker/smoke.py", "deploy/base/api.yaml"):
         assert dockerignore_excludes(DOCKERIGNORE, path), f"{path} is not needed in the image"

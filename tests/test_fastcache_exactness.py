@@ -6,8 +6,13 @@ from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
 
 
 def generate(pipe, labels=(1, 2), steps=8, seed=0):
-    return pipe(list(labels), guidance_scale=2.0, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return pipe(
+        list(labels),
+        guidance_scale=2.0,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
 
 
 def test_zero_tolerance_equals_unpatched_model(tiny_dit):

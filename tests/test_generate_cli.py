@@ -26,22 +26,37 @@ def server(tiny_dit_dir):
 
 def generate(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     assert SCRIPT.exists(), f"{SCRIPT} missing: the project is not installed (run scripts/setup.sh)"
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or child_env())
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env or child_env())
 
 
 def test_writes_the_images_and_prints_their_stats(server, tmp_path):
     out = tmp_path / "out"
-    run = generate("seven", "-n", "2", "--steps", "4", "--tolerance", "0.2", "--seed", "1", "-o", str(out),
-                   "--server", server.url, "--api-key", KEY)
+    run = generate(
+        "seven",
+        "-n",
+        "2",
+        "--steps",
+        "4",
+        "--tolerance",
+        "0.2",
+        "--seed",
+        "1",
+        "-o",
+        str(out),
+        "--server",
+        server.url,
+        "--api-key",
+        KEY,
+    )
     assert run.returncode == 0, run.stderr
     files = sorted(out.iterdir())
     assert [f.name for f in files] == ["seven-seed1.png", "seven-seed2.png"]
     # the files are the images the server generates for the same request
     with server.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
-        same = client.post("/generate", json={"prompt": "seven", "n": 2, "steps": 4, "seed": 1,
-                                              "cache": {"tolerance": 0.2}}).json()
-    for path, image in zip(files, same["images"]):
+        same = client.post(
+            "/generate", json={"prompt": "seven", "n": 2, "steps": 4, "seed": 1, "cache": {"tolerance": 0.2}}
+        ).json()
+    for path, image in zip(files, same["images"], strict=True):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), decode_image(image["b64_json"]))
     for name in ("seven-seed1.png", "seven-seed2.png"):
         row = next(line for line in run.stdout.splitlines() if name in line)
@@ -55,8 +70,27 @@ def test_shows_a_progress_bar_fed_by_the_step_events(server, tmp_path):
 
 
 def test_json_output_carries_every_stat_and_the_request_fields(server, tmp_path):
-    run = generate("two", "-n", "2", "--steps", "6", "--seed", "9", "--method", "none", "--guidance", "2.0",
-                   "--json", "--no-progress", "-o", str(tmp_path), "--server", server.url, "--api-key", KEY)
+    run = generate(
+        "two",
+        "-n",
+        "2",
+        "--steps",
+        "6",
+        "--seed",
+        "9",
+        "--method",
+        "none",
+        "--guidance",
+        "2.0",
+        "--json",
+        "--no-progress",
+        "-o",
+        str(tmp_path),
+        "--server",
+        server.url,
+        "--api-key",
+        KEY,
+    )
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert [line["seed"] for line in lines] == [9, 10]
@@ -67,15 +101,17 @@ def test_json_output_carries_every_stat_and_the_request_fields(server, tmp_path)
 
 
 def test_the_key_comes_from_the_environment_too(server, tmp_path):
-    run = generate("1", "--steps", "3", "-o", str(tmp_path), "--server", server.url,
-                   env=child_env(FASTCACHE_API_KEY=KEY))
+    run = generate(
+        "1", "--steps", "3", "-o", str(tmp_path), "--server", server.url, env=child_env(FASTCACHE_API_KEY=KEY)
+    )
     assert run.returncode == 0, run.stderr
     assert len(list(tmp_path.glob("1-seed*.png"))) == 1
 
 
 def test_a_missing_key_is_a_clear_401(server, tmp_path):
-    run = generate("seven", "--steps", "3", "-o", str(tmp_path), "--server", server.url,
-                   env=child_env(FASTCACHE_API_KEY=""))
+    run = generate(
+        "seven", "--steps", "3", "-o", str(tmp_path), "--server", server.url, env=child_env(FASTCACHE_API_KEY="")
+    )
     assert run.returncode == 2
     assert "HTTP 401 unauthorized" in run.stderr and "API key" in run.stderr
     assert not list(tmp_path.iterdir())
@@ -98,13 +134,18 @@ def test_an_unreachable_server_exits_1_with_a_message(tmp_path):
 
 # --------------------------------------------------------------------------- 503 with Retry-After
 
+
 @pytest.fixture
 def api_without_worker():
     """An API over Redis before any worker registered a model: it answers 503 with Retry-After."""
     redis_server = RedisServer()
     api = Server("--queue", redis_server.url, wait_ready=False)
-    wait_until(lambda: httpx.get(f"{api.url}/healthz", timeout=2).status_code == 200, 120,
-               lambda: f"api did not start:\n{api.log()}", process=api.proc)
+    wait_until(
+        lambda: httpx.get(f"{api.url}/healthz", timeout=2).status_code == 200,
+        120,
+        lambda: f"api did not start:\n{api.log()}",
+        process=api.proc,
+    )
     yield redis_server, api
     api.stop()
     redis_server.stop()
@@ -124,9 +165,26 @@ def test_a_server_that_becomes_available_is_retried_until_it_serves(api_without_
     log = tmp_path / "stderr.txt"
     out = tmp_path / "out"
     with open(log, "w") as stderr:
-        process = subprocess.Popen([str(SCRIPT), "five", "--steps", "3", "--seed", "7", "--retries", "60", "-o", str(out),
-                                    "--server", api.url], stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env=child_env())
+        process = subprocess.Popen(
+            [
+                str(SCRIPT),
+                "five",
+                "--steps",
+                "3",
+                "--seed",
+                "7",
+                "--retries",
+                "60",
+                "-o",
+                str(out),
+                "--server",
+                api.url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=child_env(),
+        )
         try:
             wait_until(lambda: "retrying in" in log.read_text(), 120, lambda: log.read_text(), process=process)
             worker = WorkerProcess(redis_server.url, "--model", str(tiny_dit_dir))

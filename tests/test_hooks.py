@@ -11,8 +11,13 @@ from tests.tiny_pipelines import tiny_dit_pipeline
 
 
 def generate(pipe, steps=10):
-    return pipe([1, 2], guidance_scale=2.0, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                output_type="pt").images
+    return pipe(
+        [1, 2],
+        guidance_scale=2.0,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
 
 
 @pytest.fixture()
@@ -56,14 +61,21 @@ def test_layerwise_casting_composes_with_fastcache_and_survives_its_removal(pipe
 def test_per_sample_taylorseer_equals_diffusers_taylorseer_hook(pipe, interval):
     """Forecasting the stack output per sample is what diffusers' hook does block by block."""
     steps = 12
-    peer = apply_peer(pipe.transformer, "taylorseer", cache_interval=interval, disable_cache_before_step=3,
-                      max_order=1, taylor_factors_dtype=torch.float32)
+    peer = apply_peer(
+        pipe.transformer,
+        "taylorseer",
+        cache_interval=interval,
+        disable_cache_before_step=3,
+        max_order=1,
+        taylor_factors_dtype=torch.float32,
+    )
     try:
         theirs = generate(pipe, steps)
     finally:
         peer.remove()
-    config = FastCacheConfig(first_steps=3, last_steps=0,
-                             params=CacheParams(method="taylorseer", tolerance=1.0, max_skip_steps=interval - 1))
+    config = FastCacheConfig(
+        first_steps=3, last_steps=0, params=CacheParams(method="taylorseer", tolerance=1.0, max_skip_steps=interval - 1)
+    )
     cache = apply_fastcache(pipe.transformer, config)
     try:
         ours = generate(pipe, steps)

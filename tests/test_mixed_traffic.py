@@ -154,7 +154,7 @@ def test_two_resolutions_run_interleaved_and_each_image_equals_its_solo_run(engi
     settings = [("s16", 16, 0.0, 1), ("m16", 16, 0.6, 2), ("s24", 24, 1.0, 3), ("m24", 24, 0.5, 4)]
     jobs = [rec.job(name, size=size, tolerance=tol, seed=seed, steps=12) for name, size, tol, seed in settings]
     admit_together(engine, rec, jobs)
-    mixed = dict(zip([s[0] for s in settings], rec.wait(*[s[0] for s in settings])))
+    mixed = dict(zip([s[0] for s in settings], rec.wait(*[s[0] for s in settings]), strict=True))
     # both resolutions were in flight together: a 24 px image stepped before the 16 px ones finished
     assert rec.position("s24", "step", 1) < rec.position("s16", "done")
     assert rec.position("s16", "step", 1) < rec.position("s24", "done")

@@ -29,14 +29,26 @@ def peer_params(method, pipe):
 
 
 def generate(pipe, steps=STEPS):
-    return pipe([1, 2], guidance_scale=GUIDANCE, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                output_type="pt").images
+    return pipe(
+        [1, 2],
+        guidance_scale=GUIDANCE,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
 
 
-@pytest.mark.parametrize("method", [
-    "fbcache", "magcache", "pab", "seacache", "taylorseer",
-    pytest.param("cachedit", marks=pytest.mark.skipif(not HAS_CACHE_DIT, reason="cache-dit is not installed")),
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "fbcache",
+        "magcache",
+        "pab",
+        "seacache",
+        "taylorseer",
+        pytest.param("cachedit", marks=pytest.mark.skipif(not HAS_CACHE_DIT, reason="cache-dit is not installed")),
+    ],
+)
 def test_peer_changes_the_output_is_repeatable_and_detaches(tiny_dit, method):
     reference = generate(tiny_dit)
     params = peer_params(method, tiny_dit)
@@ -68,8 +80,10 @@ def test_magcache_calibration_gives_one_ratio_per_step_under_guidance_and_skips_
 
 
 def test_magcache_calibration_averages_over_images(tiny_dit):
-    one = [calibrate_magcache(tiny_dit, num_inference_steps=STEPS, guidance_scale=GUIDANCE, labels=[label], seeds=[seed])
-           for label, seed in zip(CALIBRATION["labels"], CALIBRATION["seeds"])]
+    one = [
+        calibrate_magcache(tiny_dit, num_inference_steps=STEPS, guidance_scale=GUIDANCE, labels=[label], seeds=[seed])
+        for label, seed in zip(CALIBRATION["labels"], CALIBRATION["seeds"], strict=True)
+    ]
     together = calibrate_magcache(tiny_dit, num_inference_steps=STEPS, guidance_scale=GUIDANCE, **CALIBRATION)
     assert len(together) == STEPS
     torch.testing.assert_close(torch.tensor(together), torch.tensor(one).mean(dim=0), rtol=1e-6, atol=1e-9)

@@ -42,14 +42,19 @@ def browser():
 def open_playground(browser, url):
     """Load the page and wait until it has read the model (labels offered, Generate enabled)."""
     browser.get(url + "/")
-    wait_for(lambda: browser.find_element(By.ID, "generate").is_enabled(), DEADLINE,
-             lambda: f"the page never became ready: {page_state(browser)}")
+    wait_for(
+        lambda: browser.find_element(By.ID, "generate").is_enabled(),
+        DEADLINE,
+        lambda: f"the page never became ready: {page_state(browser)}",
+    )
 
 
 def page_state(browser) -> str:
-    return (f"status={browser.find_element(By.ID, 'status').text!r} "
-            f"error={browser.find_element(By.ID, 'error').text!r} "
-            f"progress={browser.find_element(By.ID, 'progress').text!r}")
+    return (
+        f"status={browser.find_element(By.ID, 'status').text!r} "
+        f"error={browser.find_element(By.ID, 'error').text!r} "
+        f"progress={browser.find_element(By.ID, 'progress').text!r}"
+    )
 
 
 def shown(browser, element_id):
@@ -67,10 +72,12 @@ def fill(browser, **fields):
 
 def decoded_images(browser, count):
     """The grid's images once ``count`` of them have decoded (naturalWidth > 0)."""
+
     def ready():
         images = browser.find_elements(By.CSS_SELECTOR, "#grid img")
         widths = [browser.execute_script("return arguments[0].naturalWidth", image) for image in images]
         return images if len(images) == count and all(width > 0 for width in widths) else None
+
     return wait_for(ready, DEADLINE, lambda: f"{count} decoded images never appeared: {page_state(browser)}")
 
 
@@ -103,7 +110,9 @@ def test_generate_shows_decoded_images_with_their_stats(server, browser):
     fill(browser, prompt="seven", n=2, steps=4, seed=11)
     browser.find_element(By.ID, "generate").click()
     images = decoded_images(browser, 2)
-    assert all(image.get_attribute("alt").endswith(f"seed {seed}") for image, seed in zip(images, (11, 12)))
+    assert all(
+        image.get_attribute("alt").endswith(f"seed {seed}") for image, seed in zip(images, (11, 12), strict=True)
+    )
     assert len(browser.find_elements(By.CSS_SELECTOR, "[data-stat=compute]")) == 2
     for stat in browser.find_elements(By.CSS_SELECTOR, "[data-stat=compute]"):
         assert re.fullmatch(r"\d+\.\d+ s", stat.text)
@@ -122,10 +131,15 @@ def test_compare_switch_shows_psnr_computed_from_the_pixels_and_speedup(server, 
     browser.find_element(By.CSS_SELECTOR, "label.switch").click()
     assert browser.find_element(By.ID, "compare").is_selected()
     browser.find_element(By.ID, "generate").click()
-    rows = wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".comparison")) == 2
-                    and browser.find_elements(By.CSS_SELECTOR, ".comparison"),
-                    DEADLINE, lambda: f"no comparison appeared: {page_state(browser)}")
-    for card, row in zip(browser.find_elements(By.CSS_SELECTOR, "#grid .card"), rows):
+    rows = wait_for(
+        lambda: (
+            len(browser.find_elements(By.CSS_SELECTOR, ".comparison")) == 2
+            and browser.find_elements(By.CSS_SELECTOR, ".comparison")
+        ),
+        DEADLINE,
+        lambda: f"no comparison appeared: {page_state(browser)}",
+    )
+    for card, row in zip(browser.find_elements(By.CSS_SELECTOR, "#grid .card"), rows, strict=True):
         cached, uncached = card.find_elements(By.TAG_NAME, "img")
         assert uncached.find_element(By.XPATH, "..").find_element(By.TAG_NAME, "figcaption").text == "uncached"
         # the page's PSNR is the one of the two images' decoded pixels
@@ -137,8 +151,10 @@ def test_compare_switch_shows_psnr_computed_from_the_pixels_and_speedup(server, 
         assert re.search(r"PSNR (\d+\.\d dB|∞)", row.text) and re.search(r"speedup \d+\.\d\d×", row.text)
     summary = browser.find_element(By.ID, "summary")
     assert summary.find_element(By.CSS_SELECTOR, "[data-metric=speedup] .value").text.endswith("×")
-    assert "dB" in summary.find_element(By.CSS_SELECTOR, "[data-metric=psnr] .value").text \
+    assert (
+        "dB" in summary.find_element(By.CSS_SELECTOR, "[data-metric=psnr] .value").text
         or "∞" in summary.find_element(By.CSS_SELECTOR, "[data-metric=psnr] .value").text
+    )
 
 
 def test_an_unknown_label_shows_the_api_message_on_the_prompt(server, browser):
@@ -168,8 +184,11 @@ def test_the_page_asks_for_the_api_key_then_generates_with_it(keyed_server, brow
     assert "API key" in panel.text
     fill(browser, **{"api-key": "open-sesame"})
     browser.find_element(By.ID, "key-submit").click()
-    wait_for(lambda: browser.find_element(By.ID, "generate").is_enabled(), DEADLINE,
-             lambda: f"the page did not load with the key: {page_state(browser)}")
+    wait_for(
+        lambda: browser.find_element(By.ID, "generate").is_enabled(),
+        DEADLINE,
+        lambda: f"the page did not load with the key: {page_state(browser)}",
+    )
     assert not browser.find_element(By.ID, "key-panel").is_displayed()
     # generation and its event stream (read with fetch, which can send the key) work with the key
     fill(browser, prompt="one", n=1, steps=3, seed=2)
@@ -177,8 +196,11 @@ def test_the_page_asks_for_the_api_key_then_generates_with_it(keyed_server, brow
     decoded_images(browser, 1)
     # the key is remembered for the session: a reload does not ask again
     browser.refresh()
-    wait_for(lambda: browser.find_element(By.ID, "generate").is_enabled(), DEADLINE,
-             lambda: f"the page did not reload with the remembered key: {page_state(browser)}")
+    wait_for(
+        lambda: browser.find_element(By.ID, "generate").is_enabled(),
+        DEADLINE,
+        lambda: f"the page did not reload with the remembered key: {page_state(browser)}",
+    )
     assert not browser.find_element(By.ID, "key-panel").is_displayed()
 
 
@@ -186,8 +208,11 @@ def test_a_wrong_api_key_is_refused_with_a_message(keyed_server, browser):
     browser.get(keyed_server.url + "/")
     browser.execute_script("sessionStorage.clear()")
     browser.refresh()
-    wait_for(lambda: browser.find_element(By.ID, "key-panel").is_displayed(), DEADLINE,
-             lambda: "the key prompt never appeared")
+    wait_for(
+        lambda: browser.find_element(By.ID, "key-panel").is_displayed(),
+        DEADLINE,
+        lambda: "the key prompt never appeared",
+    )
     fill(browser, **{"api-key": "wrong"})
     browser.find_element(By.ID, "key-submit").click()
     note = wait_for(lambda: shown(browser, "key-error"), DEADLINE, lambda: "no message for a wrong key")
@@ -199,6 +224,7 @@ def test_a_wrong_api_key_is_refused_with_a_message(keyed_server, browser):
 def test_the_page_ships_as_package_data():
     """An installed wheel must carry the page: pyproject's package data covers it."""
     import fnmatch
+
     import tomllib
 
     from service.api.routes_playground import PAGE

@@ -84,9 +84,12 @@ def test_a_job_that_ran_twice_stores_one_result(r):
     for run in ("first", "second"):
         record = JobRecord(id="job-1", status="succeeded", images=[{"run": run}])
         event = json.dumps({"type": "result", "job": record.to_dict()})
-        results.append(store(keys=[LAYOUT.job("job-1"), LAYOUT.results_stored, LAYOUT.events("job-1"),
-                                   LAYOUT.results_refused],
-                             args=[json.dumps(record.to_dict()), 60, event, LAYOUT.done_channel, "job-1", 1000]))
+        results.append(
+            store(
+                keys=[LAYOUT.job("job-1"), LAYOUT.results_stored, LAYOUT.events("job-1"), LAYOUT.results_refused],
+                args=[json.dumps(record.to_dict()), 60, event, LAYOUT.done_channel, "job-1", 1000],
+            )
+        )
     assert results == [1, 0]
     assert json.loads(r.get(LAYOUT.job("job-1")))["images"] == [{"run": "first"}]
     assert len(r.xrange(LAYOUT.events("job-1"))) == 1

@@ -30,8 +30,9 @@ def worker_flags(model_dir, *extra: str) -> tuple[str, ...]:
 
 
 def submit(client: httpx.Client, steps: int, seed: int = 0) -> str:
-    response = client.post("/v1/jobs", json={"prompt": str(seed % 10), "steps": steps, "seed": seed,
-                                             "timeout_seconds": 600})
+    response = client.post(
+        "/v1/jobs", json={"prompt": str(seed % 10), "steps": steps, "seed": seed, "timeout_seconds": 600}
+    )
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -51,8 +52,15 @@ def setup_jobs(client: httpx.Client, ledger: FaultLedger, count: int, steps: int
     return known, cancelled, ids
 
 
-def probe_until(ledger: FaultLedger, client: httpx.Client, known: str, cancelled: str, condition,
-                timeout: float = 240, min_rounds: int = 2) -> None:
+def probe_until(
+    ledger: FaultLedger,
+    client: httpx.Client,
+    known: str,
+    cancelled: str,
+    condition,
+    timeout: float = 240,
+    min_rounds: int = 2,
+) -> None:
     """Probe every route, round after round, until ``condition()`` holds after at least ``min_rounds``."""
     deadline = time.monotonic() + timeout
     rounds = 0
@@ -71,8 +79,12 @@ def test_a_worker_killed_mid_batch_loses_no_job_and_runs_none_twice(tiny_dit_dir
     try:
         with api.client(timeout=CLIENT_TIMEOUT) as client:
             known, cancelled, ids = setup_jobs(client, ledger, count=6, steps=120)
-            wait_until(lambda: metric_samples(victim.metrics(), "fastcache_inflight_requests")
-                       .get('{model="tiny-dit"}', 0) >= 2, 60)
+            wait_until(
+                lambda: (
+                    metric_samples(victim.metrics(), "fastcache_inflight_requests").get('{model="tiny-dit"}', 0) >= 2
+                ),
+                60,
+            )
             victim.signal(signal.SIGKILL)  # mid-batch, no goodbye
             ledger.injected += 1
             survivor = WorkerProcess(redis_server.url, *worker_flags(tiny_dit_dir), wait_ready=False)
@@ -116,8 +128,9 @@ def test_redis_shut_down_and_restarted_answers_503_then_every_job_finishes_once(
             ready = client.get("/readyz")
             assert ready.status_code == 503 and "redis unreachable" in ready.json()["reason"]
             redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path)
-            probe_until(ledger, client, known, cancelled, lambda: client.get("/readyz").status_code == 200,
-                        min_rounds=1)
+            probe_until(
+                ledger, client, known, cancelled, lambda: client.get("/readyz").status_code == 200, min_rounds=1
+            )
             ledger.assert_answers_allowed()
             assert ledger.answers["503"] > 0
             ledger.settle(client, redis_server.client())
@@ -142,12 +155,14 @@ def test_redis_paused_longer_than_a_request_timeout_answers_503_then_recovers(ti
             ledger.injected += 1
             paused_at = time.monotonic()
             try:
-                probe_until(ledger, client, known, cancelled,
-                            lambda: time.monotonic() - paused_at > 2 * request_timeout)
+                probe_until(
+                    ledger, client, known, cancelled, lambda: time.monotonic() - paused_at > 2 * request_timeout
+                )
             finally:
                 redis_server.resume()
-            probe_until(ledger, client, known, cancelled, lambda: client.get("/readyz").status_code == 200,
-                        min_rounds=1)
+            probe_until(
+                ledger, client, known, cancelled, lambda: client.get("/readyz").status_code == 200, min_rounds=1
+            )
             ledger.assert_answers_allowed()
             assert ledger.answers["503"] > 0
             ledger.settle(client, redis_server.client())
@@ -170,14 +185,20 @@ def test_an_api_restarted_mid_job_loses_nothing(tiny_dit_dir, tmp_path):
         with first.client(timeout=CLIENT_TIMEOUT) as client:
             known, cancelled, ids = setup_jobs(client, ledger, count=4, steps=100)
             answers: list[httpx.Response | None] = []
-            sync = threading.Thread(target=lambda: answers.append(ledger.request(
-                client, "POST", "/generate", json={"prompt": "5", "steps": 200, "timeout_seconds": 600})))
+            sync = threading.Thread(
+                target=lambda: answers.append(
+                    ledger.request(
+                        client, "POST", "/generate", json={"prompt": "5", "steps": 200, "timeout_seconds": 600}
+                    )
+                )
+            )
             sync.start()
             r = redis_server.client()
 
             def held_request_running() -> bool:  # the /generate this API holds has started on the worker
-                records = [json.loads(r.get(k) or "{}") for k in r.scan_iter("fastcache:job:*")
-                           if not k.endswith(":attempts")]
+                records = [
+                    json.loads(r.get(k) or "{}") for k in r.scan_iter("fastcache:job:*") if not k.endswith(":attempts")
+                ]
                 return any(rec.get("route") == "generate" and rec.get("status") == "running" for rec in records)
 
             wait_until(held_request_running, 120)
@@ -255,20 +276,28 @@ def outcomes(server: Server, route: str, status_code: str) -> float:
     return samples.get(f'{{model="tiny-dit",route="{route}",status="{status_code}"}}', 0)
 
 
-@pytest.mark.parametrize("path,route,body", [
-    ("/generate", "generate", '{"prompt": "4", "steps": 200, "n": 8}'),
-    ("/v1/images/generations", "openai", '{"prompt": "4", "steps": 200, "n": 8, "size": "16x16"}'),
-])
+@pytest.mark.parametrize(
+    "path,route,body",
+    [
+        ("/generate", "generate", '{"prompt": "4", "steps": 200, "n": 8}'),
+        ("/v1/images/generations", "openai", '{"prompt": "4", "steps": 200, "n": 8, "size": "16x16"}'),
+    ],
+)
 def test_a_client_that_disconnects_cancels_its_job_and_frees_the_slot(full_batch_server, path, route, body):
     server = full_batch_server  # the request fills every slot of the batch
     before = outcomes(server, route, "499")
-    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
         connection.sendall(request)
         wait_until(lambda: in_flight(server) == 1, 60, lambda: "the request never started")
     # the client is gone: the job is cancelled (outcome 499) and its batch slots free
-    wait_until(lambda: outcomes(server, route, "499") == before + 1 and in_flight(server) == 0, 60,
-               lambda: "the abandoned job kept its slots")
+    wait_until(
+        lambda: outcomes(server, route, "499") == before + 1 and in_flight(server) == 0,
+        60,
+        lambda: "the abandoned job kept its slots",
+    )
     response = httpx.post(f"{server.url}/generate", json={"prompt": "1", "steps": 2, "n": 8}, timeout=60)
     assert response.status_code == 200

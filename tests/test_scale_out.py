@@ -28,8 +28,11 @@ def wait_all(client, ids, timeout=180):
     def done():
         return all(client.get(f"/v1/jobs/{i}").json()["status"] in ("succeeded", "failed", "cancelled") for i in ids)
 
-    wait_until(done, timeout, lambda: "jobs did not finish: " + str(
-        [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]))
+    wait_until(
+        done,
+        timeout,
+        lambda: "jobs did not finish: " + str([client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]),
+    )
     return [client.get(f"/v1/jobs/{i}").json() for i in ids]
 
 
@@ -56,12 +59,21 @@ def test_sixteen_mixed_jobs_complete_across_two_workers_with_batching(cluster):
     redis_server, api, workers = cluster
     tolerances = [0.0, 0.2, 0.5, 1.0]
     with api.client() as client:
-        ids = [submit(client, {"prompt": str(i % 10), "steps": 30, "seed": i,
-                               "cache": {"tolerance": tolerances[i % 4], "method": "teacache" if i == 5 else None}})
-               for i in range(16)]
+        ids = [
+            submit(
+                client,
+                {
+                    "prompt": str(i % 10),
+                    "steps": 30,
+                    "seed": i,
+                    "cache": {"tolerance": tolerances[i % 4], "method": "teacache" if i == 5 else None},
+                },
+            )
+            for i in range(16)
+        ]
         jobs = wait_all(client, ids)
     assert [j["status"] for j in jobs] == ["succeeded"] * 16
-    for job, i in zip(jobs, range(16)):
+    for i, job in enumerate(jobs):
         stats = job["result"]["images"][0]["stats"]
         assert stats["steps"] == 30 and stats["cache"]["tolerance"] == tolerances[i % 4]
     assert sum(batch_sizes_above_one(w.metrics()) for w in workers) > 0, "no worker batched two jobs"
@@ -76,7 +88,7 @@ def test_events_and_results_reach_the_api_through_redis(cluster):
         with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
             for line in stream.iter_lines():
                 if line.startswith("event: "):
-                    names.append(line[len("event: "):])
+                    names.append(line[len("event: ") :])
         assert names == ["step"] * 5 + ["result"]
         sync = client.post("/generate", json={"prompt": "seven", "steps": 4, "n": 2})
         assert sync.status_code == 200 and len(sync.json()["images"]) == 2
@@ -87,8 +99,14 @@ def test_concurrent_retries_with_one_idempotency_key_create_one_job(cluster):
     body = {"prompt": "6", "steps": 3, "seed": 4}
     before = redis_server.client().get("fastcache:stats:results_stored")
     with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda _: httpx.post(f"{api.url}/v1/jobs", json=body, timeout=60,
-                                                       headers={"Idempotency-Key": "burst-1"}), range(8)))
+        responses = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{api.url}/v1/jobs", json=body, timeout=60, headers={"Idempotency-Key": "burst-1"}
+                ),
+                range(8),
+            )
+        )
     assert [r.status_code for r in responses] == [202] * 8
     assert len({r.json()["id"] for r in responses}) == 1, "one key created several jobs"
     with api.client() as client:
@@ -111,8 +129,10 @@ def test_a_disconnected_generate_client_cancels_its_job_on_the_worker(cluster):
     redis_server, api, workers = cluster
     r = redis_server.client()
     body = '{"prompt": "4", "steps": 200, "n": 8}'
-    request = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    request = (
+        f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
 
     def generate_jobs(status):
         records = [json.loads(r.get(k)) for k in r.scan_iter("fastcache:job:*") if not k.endswith(":attempts")]
@@ -122,8 +142,11 @@ def test_a_disconnected_generate_client_cancels_its_job_on_the_worker(cluster):
     with socket.create_connection(("127.0.0.1", api.port), timeout=30) as connection:
         connection.sendall(request)
         wait_until(lambda: generate_jobs("running"), 60, lambda: "the request never started")
-    wait_until(lambda: len(generate_jobs("cancelled")) == cancelled_before + 1, 60,
-               lambda: "the abandoned job was not cancelled")
+    wait_until(
+        lambda: len(generate_jobs("cancelled")) == cancelled_before + 1,
+        60,
+        lambda: "the abandoned job was not cancelled",
+    )
 
 
 def test_idempotency_key_replays_the_same_job_and_rejects_a_different_body(cluster):
@@ -157,8 +180,17 @@ def test_bad_input_is_rejected_by_the_api_with_the_workers_model_limits(cluster)
 def test_a_poison_job_lands_in_the_dead_letter_stream_with_its_error(cluster):
     redis_server, api, _ = cluster
     r = redis_server.client()
-    record = {"id": "poison-1", "status": "queued", "route": "jobs", "output_format": "png",
-              "created_at": time.time(), "finished_at": None, "images": None, "error": None, "steps_done": 0}
+    record = {
+        "id": "poison-1",
+        "status": "queued",
+        "route": "jobs",
+        "output_format": "png",
+        "created_at": time.time(),
+        "finished_at": None,
+        "images": None,
+        "error": None,
+        "steps_done": 0,
+    }
     r.set("fastcache:job:poison-1", json.dumps(record), ex=600)
     r.xadd("fastcache:jobs", {"job_id": "poison-1", "submission": "{this is not a job"})
     wait_until(lambda: r.xlen("fastcache:jobs:dead") >= 1, 60)

@@ -25,6 +25,7 @@ def client(server):
 
 # --------------------------------------------------------------------------- jobs and events
 
+
 def test_job_is_accepted_with_location_then_succeeds(client):
     response = client.post("/v1/jobs", json={"prompt": "seven", "steps": 5, "seed": 1})
     assert response.status_code == 202
@@ -45,9 +46,9 @@ def test_events_stream_one_event_per_step_then_the_result(client):
         name = None
         for line in stream.iter_lines():
             if line.startswith("event: "):
-                name = line[len("event: "):]
+                name = line[len("event: ") :]
             elif line.startswith("data: "):
-                events.append((name, json.loads(line[len("data: "):])))
+                events.append((name, json.loads(line[len("data: ") :])))
     steps = [data["step"] for name, data in events if name == "step"]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert events[-1][0] == "result" and events[-1][1]["status"] == "succeeded"
@@ -88,6 +89,7 @@ def test_unknown_job_is_404_problem(client):
 
 
 # --------------------------------------------------------------------------- overload and deadlines
+
 
 def test_overload_gets_429_with_retry_after_and_nothing_is_lost_or_hangs(tiny_dit_dir):
     s = Server("--model", str(tiny_dit_dir), "--max-batch-size", "1", "--max-queue", "1")
@@ -170,12 +172,18 @@ def test_wrong_method_is_405_not_500(client):
 
 # --------------------------------------------------------------------------- OpenAI compatibility
 
+
 def test_the_openai_client_generates_images(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    result = client.images.generate(prompt="seven", n=2, size="16x16", response_format="b64_json",
-                                    extra_body={"steps": 4, "seed": 5, "cache": {"tolerance": 0.2}})
+    result = client.images.generate(
+        prompt="seven",
+        n=2,
+        size="16x16",
+        response_format="b64_json",
+        extra_body={"steps": 4, "seed": 5, "cache": {"tolerance": 0.2}},
+    )
     assert len(result.data) == 2
     image = decode_image(result.data[0].b64_json)
     assert image.shape == (16, 16, 3)
@@ -196,6 +204,7 @@ def test_openai_route_errors_use_the_openai_error_object(server):
 
 # --------------------------------------------------------------------------- operations
 
+
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
@@ -205,7 +214,9 @@ def test_health_and_readiness(client):
 def test_openapi_docs_are_served(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/generate", "/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events"} <= set(paths)
+    assert {"/generate", "/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events"} <= set(
+        paths
+    )
 
 
 EXPECTED_METRICS = [
@@ -257,7 +268,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tiny_dit_dir):
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{s.url}/generate", json={"prompt": "9", "steps": 150}, timeout=120)
-            wait_until(lambda: metric_samples(s.metrics(), "fastcache_inflight_requests").get('{model="tiny-dit"}', 0) >= 1, 30)
+            wait_until(
+                lambda: metric_samples(s.metrics(), "fastcache_inflight_requests").get('{model="tiny-dit"}', 0) >= 1, 30
+            )
             s.signal(signal.SIGTERM)
             response = pending.result()
         assert response.status_code == 200

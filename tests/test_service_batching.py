@@ -24,14 +24,23 @@ def generate(server, body, timeout=120.0):
 
 
 def wait_job(client, job_id, timeout=180):
-    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"),
-               timeout)
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"), timeout
+    )
     return client.get(f"/v1/jobs/{job_id}").json()
 
 
 def test_concurrent_requests_share_batches_and_each_equals_its_solo_run(server):
-    bodies = [{"prompt": str(i % 10), "seed": 100 + i, "steps": 30, "guidance_scale": 2.0,
-               "cache": {"tolerance": TOLERANCES[i % 4]}} for i in range(8)]
+    bodies = [
+        {
+            "prompt": str(i % 10),
+            "seed": 100 + i,
+            "steps": 30,
+            "guidance_scale": 2.0,
+            "cache": {"tolerance": TOLERANCES[i % 4]},
+        }
+        for i in range(8)
+    ]
     with httpx.Client(base_url=server.url, timeout=120) as client:
         # a holder fills the batch while the eight queue; when it leaves, all eight join at one step boundary,
         # however fast the machine is
@@ -46,15 +55,17 @@ def test_concurrent_requests_share_batches_and_each_equals_its_solo_run(server):
     total = sum(v for k, v in batch_sizes.items() if 'le="+Inf"' in k)
     singles = sum(v for k, v in batch_sizes.items() if 'le="1.0"' in k)
     assert total > singles, "the batch-size metric never saw a batch above 1"
-    for body, result in zip(bodies, batched):
+    for body, result in zip(bodies, batched, strict=True):
         solo = generate(server, body)
         assert max(solo["images"][0]["stats"]["batch_sizes"]) == 1
         difference = abs(decode_image(result["images"][0]["b64_json"]) - decode_image(solo["images"][0]["b64_json"]))
         assert difference.max() <= 1, f"tolerance {body['cache']['tolerance']}: batched image differs from solo"
         assert result["images"][0]["stats"]["cache"]["tolerance"] == body["cache"]["tolerance"]
     # different tolerances really did different amounts of work
-    approximated = {b["cache"]["tolerance"]: r["images"][0]["stats"]["blocks_approximated"]
-                    for b, r in zip(bodies, batched)}
+    approximated = {
+        b["cache"]["tolerance"]: r["images"][0]["stats"]["blocks_approximated"]
+        for b, r in zip(bodies, batched, strict=True)
+    }
     assert approximated[0.0] == 0 and approximated[1.0] > 0
 
 
@@ -69,7 +80,7 @@ def test_a_request_joining_mid_denoising_enters_at_a_step_boundary(server):
             for line in events.iter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = json.loads(line[len("data: "):])
+                data = json.loads(line[len("data: ") :])
                 if "batch_size" not in data:
                     break  # the result
                 long_sizes.append(data["batch_size"])

@@ -29,7 +29,7 @@ def test_text_pipeline_serves_batched_requests_identical_to_solo(family_server):
     bodies = [body(seed=1, cache={"tolerance": 0.0}), body(seed=2, prompt="the blue dog", cache={"tolerance": 0.5})]
     with ThreadPoolExecutor(2) as pool:
         batched = list(pool.map(lambda b: httpx.post(f"{server.url}/generate", json=b, timeout=120), bodies))
-    for b, response in zip(bodies, batched):
+    for b, response in zip(bodies, batched, strict=True):
         assert response.status_code == 200, response.text
         image = response.json()["images"][0]
         assert decode_image(image["b64_json"]).shape == (32, 32, 3)

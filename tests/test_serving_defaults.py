@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DiTPipeline
 
+from models.pipeline_io import load_dit_pipeline
 from service.engine.families import SERVING_DEFAULTS_FILE, runner_for
 
 
 def runner(path):
-    return runner_for(DiTPipeline.from_pretrained(path), torch.device("cpu"), torch.float32)
+    return runner_for(load_dit_pipeline(path), torch.device("cpu"), torch.float32)
 
 
 def test_family_defaults_apply_without_the_file(tiny_dit_dir):

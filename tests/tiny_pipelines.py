@@ -67,24 +67,46 @@ def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2, sample_size: int = 8):
         norm_num_groups=32,
     )
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    labels = {i: name for i, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven",
-                                                 "eight", "nine"])}
+    labels = {
+        i: name
+        for i, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    }
     return _ready(DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler, id2label=labels))
 
 
 def _t5(d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=len(WORDS) + 4, d_model=d_model, d_ff=64, d_kv=8, num_layers=1,
-                                   num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(WORDS) + 4,
+            d_model=d_model,
+            d_ff=64,
+            d_kv=8,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def _clip(hidden: int = 32, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=64,
-                            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16,
-                            projection_dim=hidden, pad_token_id=0, bos_token_id=3, eos_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=hidden,
+        pad_token_id=0,
+        bos_token_id=3,
+        eos_token_id=1,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -107,8 +129,15 @@ def tiny_pixart_pipeline(seed: int = 0):
         use_additional_conditions=False,
     )
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    return _ready(PixArtAlphaPipeline(tokenizer=word_tokenizer(16), text_encoder=_t5(), vae=tiny_vae(),
-                                      transformer=transformer, scheduler=scheduler))
+    return _ready(
+        PixArtAlphaPipeline(
+            tokenizer=word_tokenizer(16),
+            text_encoder=_t5(),
+            vae=tiny_vae(),
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+    )
 
 
 def tiny_sd3_pipeline(seed: int = 0):
@@ -129,17 +158,19 @@ def tiny_sd3_pipeline(seed: int = 0):
         out_channels=4,
         pos_embed_max_size=16,
     )
-    return _ready(StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(shift=True),
-        text_encoder=_clip(projection=True),
-        tokenizer=word_tokenizer(16),
-        text_encoder_2=_clip(projection=True),
-        tokenizer_2=word_tokenizer(16),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    ))
+    return _ready(
+        StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=tiny_vae(shift=True),
+            text_encoder=_clip(projection=True),
+            tokenizer=word_tokenizer(16),
+            text_encoder_2=_clip(projection=True),
+            tokenizer_2=word_tokenizer(16),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    )
 
 
 def tiny_flux_pipeline(seed: int = 0):
@@ -159,15 +190,17 @@ def tiny_flux_pipeline(seed: int = 0):
         guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     )
-    return _ready(FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(latent_channels=4, shift=True),
-        text_encoder=_clip(),
-        tokenizer=word_tokenizer(16),
-        text_encoder_2=_t5(),
-        tokenizer_2=word_tokenizer(16),
-        transformer=transformer,
-    ))
+    return _ready(
+        FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=tiny_vae(latent_channels=4, shift=True),
+            text_encoder=_clip(),
+            tokenizer=word_tokenizer(16),
+            text_encoder_2=_t5(),
+            tokenizer_2=word_tokenizer(16),
+            transformer=transformer,
+        )
+    )
 
 
 def _ready(pipe):

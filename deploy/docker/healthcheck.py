@@ -35,8 +35,7 @@ def main() -> int:
     for port in candidate_ports(dict(os.environ)):
         if healthy(port, timeout):
             return 0
-    print(f"no /healthz answered on 127.0.0.1 port(s) {', '.join(candidate_ports(dict(os.environ)))}",
-          file=sys.stderr)
+    print(f"no /healthz answered on 127.0.0.1 port(s) {', '.join(candidate_ports(dict(os.environ)))}", file=sys.stderr)
     return 1
 
 

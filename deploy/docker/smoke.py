@@ -62,13 +62,15 @@ def png_size(data: bytes) -> tuple[int, int]:
 def generate(base: str, prompt: str = "7", steps: int = 10, timeout: float = 600) -> str:
     """One ``POST /generate``; returns a one-line description of the image it answered with."""
     body = json.dumps({"prompt": prompt, "steps": steps, "seed": 0}).encode()
-    request = urllib.request.Request(f"{base}/generate", data=body, method="POST",
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}/generate", data=body, method="POST", headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, payload = response.status, response.read().decode()
     except urllib.error.HTTPError as error:
-        raise SmokeError(f"POST /generate answered {error.code}: {error.read().decode(errors='replace')[:300]}")
+        detail = error.read().decode(errors="replace")[:300]
+        raise SmokeError(f"POST /generate answered {error.code}: {detail}") from error
     if status != 200:
         raise SmokeError(f"POST /generate answered {status}: {payload[:300]}")
     answer = json.loads(payload)
@@ -82,8 +84,11 @@ def generate(base: str, prompt: str = "7", steps: int = 10, timeout: float = 600
 
 def metric_families(exposition: str, prefix: str = "fastcache_") -> list[str]:
     """Names of the metric families a Prometheus text exposition declares with ``# TYPE``."""
-    return sorted(name for name in (line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE "))
-                  if name.startswith(prefix) and not name.endswith("_created"))
+    return sorted(
+        name
+        for name in (line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE "))
+        if name.startswith(prefix) and not name.endswith("_created")
+    )
 
 
 def metrics(base: str, required: tuple[str, ...] = ("fastcache_ready",)) -> str:

@@ -19,9 +19,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "alerts.yml"
 TARGET = HERE / "prometheusrule.yaml"
-HEADER = ("# GENERATED from alerts.yml by sync_prometheusrule.py - do not edit; edit alerts.yml and rerun.\n"
-          "# The Prometheus Operator selects rules by label; kube-prometheus-stack's default selector is\n"
-          "# `release: <helm release>` (see deploy/README.md).\n")
+HEADER = (
+    "# GENERATED from alerts.yml by sync_prometheusrule.py - do not edit; edit alerts.yml and rerun.\n"
+    "# The Prometheus Operator selects rules by label; kube-prometheus-stack's default selector is\n"
+    "# `release: <helm release>` (see deploy/README.md).\n"
+)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -58,9 +58,15 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.config = {"width": width, "feature_dim": feature_dim}
         self.conv = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # 16x16
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(2),  # 2x2
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),  # 16x16
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(2),  # 2x2
         )
         self.fc = nn.Linear(8 * width, feature_dim)
         self.head = nn.Linear(feature_dim, len(LABEL_NAMES))
@@ -82,7 +88,7 @@ class DigitClassifier(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "DigitClassifier":
+    def load(cls, directory: str | Path) -> DigitClassifier:
         """Load a classifier written by :meth:`save`, in eval mode."""
         from safetensors.torch import load_file
 

@@ -37,7 +37,7 @@ class DigitsJudge:
         self._real_test_features = self.features((self.data.test_images + 1) / 2)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "DigitsJudge":
+    def from_model_dir(cls, model_dir: str | Path) -> DigitsJudge:
         """Load the classifier shipped in ``<model_dir>/classifier``."""
         from models.digits_dit.data import DigitClassifier
 

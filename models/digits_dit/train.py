@@ -16,14 +16,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.digits_dit.data import LABEL_NAMES, DigitClassifier, load_digits_split
-from models.pipeline_io import save_dit_pipeline
+from models.pipeline_io import load_dit_pipeline, save_dit_pipeline
 
 NULL_CLASS = 1000  # DiTPipeline hard-codes 1000 as the unconditional class id
 
@@ -156,7 +155,10 @@ def train_dit(out: Path, steps: int, seed: int, batch_size: int, lr: float, ema_
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(500, steps // 10)
-    lr_at = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    def lr_at(s: int) -> float:  # linear warm-up, then cosine decay to a tenth
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="dit")
@@ -179,7 +181,7 @@ def train_dit(out: Path, steps: int, seed: int, batch_size: int, lr: float, ema_
         sched.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
@@ -190,11 +192,9 @@ def train_dit(out: Path, steps: int, seed: int, batch_size: int, lr: float, ema_
 @torch.no_grad()
 def evaluate(out: Path, samples: int, guidance_scales: list[float], steps: int = 50) -> dict:
     """Generate ``samples`` digits per guidance scale and measure class accuracy and digits FID."""
-    from diffusers import DiTPipeline
-
     from models.digits_dit.judge import DigitsJudge
 
-    pipe = DiTPipeline.from_pretrained(out)
+    pipe = load_dit_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     judge = DigitsJudge.from_model_dir(out)
     results = {}
@@ -202,10 +202,11 @@ def evaluate(out: Path, samples: int, guidance_scales: list[float], steps: int =
         labels = [i % 10 for i in range(samples)]
         images = []
         for start in tqdm(range(0, samples, 50), desc=f"eval guidance {g}"):
-            chunk = labels[start:start + 50]
+            chunk = labels[start : start + 50]
             gen = torch.Generator().manual_seed(1000 + start)
-            images.append(pipe(chunk, guidance_scale=g, num_inference_steps=steps, generator=gen,
-                               output_type="pt").images)
+            images.append(
+                pipe(chunk, guidance_scale=g, num_inference_steps=steps, generator=gen, output_type="pt").images
+            )
         images = torch.cat(images)
         results[str(g)] = {
             "class_accuracy": judge.class_accuracy(images, torch.tensor(labels)),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import telemetry
-from service.api import routes_generate, routes_health, routes_openai
-from service.api import routes_models, routes_playground
+from service.api import routes_generate, routes_health, routes_models, routes_openai, routes_playground
 from service.api.errors import APIError, install_error_handlers, problem_response
 from service.queue.base import JobBackend
 from service.settings import Settings
@@ -18,19 +18,21 @@ from service.settings import Settings
 class BodySizeLimit:
     """ASGI middleware answering 413 to bodies over ``limit`` bytes (declared or streamed)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(scope, receive, send)
+            await self._reject(scope, receive, send)
+            return
         seen = 0
 
-        async def limited_receive() -> dict:
+        async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -44,12 +46,14 @@ class BodySizeLimit:
         except _TooLarge:
             await self._reject(scope, receive, send)
 
-    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         from starlette.requests import Request
 
         telemetry.REJECTED.labels(reason="body_too_large").inc()
-        response = problem_response(Request(scope, receive), APIError(
-            413, "body_too_large", f"request body exceeds {self.limit} bytes", field="body"))
+        response = problem_response(
+            Request(scope, receive),
+            APIError(413, "body_too_large", f"request body exceeds {self.limit} bytes", field="body"),
+        )
         await response(scope, receive, send)
 
 
@@ -75,7 +79,7 @@ def create_app(settings: Settings, backend: JobBackend) -> FastAPI:
         title="FastCache DiT serving",
         version="0.1.0",
         description="Image generation with FastCache-accelerated Diffusion Transformers, batched per step, "
-                    "with per-request cache settings.",
+        "with per-request cache settings.",
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -26,11 +26,13 @@ from service.settings import Settings
 
 
 def backend_of(request: Request) -> JobBackend:
-    return request.app.state.backend
+    backend: JobBackend = request.app.state.backend
+    return backend
 
 
 def settings_of(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 async def require_api_key(request: Request) -> None:
@@ -42,19 +44,36 @@ async def require_api_key(request: Request) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
         telemetry.REJECTED.labels(reason="unauthorized").inc()
-        raise APIError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "unauthorized",
+            "missing or wrong API key (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
-def build_submission(request: Request, body: GenerationFields, *, prompt: str, n: int, width: int | None,
-                     height: int | None, output_format: str, route: str) -> JobSubmission:
+def build_submission(
+    request: Request,
+    body: GenerationFields,
+    *,
+    prompt: str,
+    n: int,
+    width: int | None,
+    height: int | None,
+    output_format: str,
+    route: str,
+) -> JobSubmission:
     """Resolve defaults against the served model and validate what only the model can judge."""
     settings = settings_of(request)
     limits = backend_of(request).limits()
     if limits is None:
         telemetry.REJECTED.labels(reason="not_ready").inc()
-        raise APIError(503, "not_ready", "the model is not loaded yet or the queue is unreachable (see /readyz)",
-                       headers={"Retry-After": "5"})
+        raise APIError(
+            503,
+            "not_ready",
+            "the model is not loaded yet or the queue is unreachable (see /readyz)",
+            headers={"Retry-After": "5"},
+        )
     if n > settings.max_batch_size:
         raise invalid("n", f"n must be at most the server's max batch size {settings.max_batch_size}")
     spec = GenerationSpec(
@@ -74,8 +93,14 @@ def build_submission(request: Request, body: GenerationFields, *, prompt: str, n
     timeout = body.timeout_seconds or settings.request_timeout
     # what the client sent, not the resolved spec: a retry without a seed must match its first try
     fingerprint = hashlib.sha256(f"{route}\n{body.model_dump_json()}".encode()).hexdigest()
-    return JobSubmission(spec=spec, n=n, output_format=output_format, route=route, timeout_seconds=timeout,
-                         request_fingerprint=fingerprint)
+    return JobSubmission(
+        spec=spec,
+        n=n,
+        output_format=output_format,
+        route=route,
+        timeout_seconds=timeout,
+        request_fingerprint=fingerprint,
+    )
 
 
 def invalid(field: str, message: str) -> APIError:
@@ -92,8 +117,9 @@ async def submit(request: Request, submission: JobSubmission) -> JobRecord:
         return await backend_of(request).submit(submission, idempotency_key=key)
     except QueueFullError as error:
         telemetry.REJECTED.labels(reason="queue_full").inc()
-        raise APIError(429, "queue_full", f"the queue is full, retry later ({error})",
-                       headers={"Retry-After": "2"}) from error
+        raise APIError(
+            429, "queue_full", f"the queue is full, retry later ({error})", headers={"Retry-After": "2"}
+        ) from error
     except NotReadyError as error:
         telemetry.REJECTED.labels(reason="not_ready").inc()
         raise APIError(503, "not_ready", f"not ready: {error}", headers={"Retry-After": "5"}) from error

@@ -24,8 +24,15 @@ class ClientDisconnected(Exception):
 class APIError(Exception):
     """An error with an HTTP status, a stable code and the field it concerns (if any)."""
 
-    def __init__(self, status: int, code: str, detail: str, field: str | None = None,
-                 headers: dict[str, str] | None = None, errors: list[dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
@@ -48,10 +55,10 @@ def problem_response(request: Request, error: APIError) -> JSONResponse:
             kind = "rate_limit_error"
         if error.status == 401:
             kind = "authentication_error"
-        body = {"error": {"message": error.detail, "type": kind, "param": error.field, "code": error.code}}
+        openai_body = {"error": {"message": error.detail, "type": kind, "param": error.field, "code": error.code}}
         status = 400 if error.status == 422 else error.status  # the OpenAI API answers 400 to bad parameters
-        return JSONResponse(body, status_code=status, headers=error.headers)
-    body = {
+        return JSONResponse(openai_body, status_code=status, headers=error.headers)
+    body: dict[str, Any] = {
         "type": f"https://fastcache.dev/problems/{error.code}",
         "title": HTTPStatus(error.status).phrase,
         "status": error.status,
@@ -73,8 +80,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _not_ready(request: Request, error: NotReadyError) -> JSONResponse:
         # the queue (Redis) is unreachable or the model is not loaded: a retryable 503, never a 500
         telemetry.REJECTED.labels(reason="not_ready").inc()
-        return problem_response(request, APIError(503, "not_ready", f"not ready: {error}",
-                                                  headers={"Retry-After": RETRY_AFTER_SECONDS}))
+        return problem_response(
+            request, APIError(503, "not_ready", f"not ready: {error}", headers={"Retry-After": RETRY_AFTER_SECONDS})
+        )
 
     @app.exception_handler(ClientDisconnected)
     async def _client_gone(request: Request, error: ClientDisconnected) -> Response:
@@ -93,14 +101,17 @@ def install_error_handlers(app: FastAPI) -> None:
             errors.append({"field": name, "message": message})
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         telemetry.REJECTED.labels(reason="invalid").inc()
-        return problem_response(request, APIError(422, "invalid_request", detail,
-                                                  field=errors[0]["field"] if errors else None, errors=errors))
+        return problem_response(
+            request,
+            APIError(422, "invalid_request", detail, field=errors[0]["field"] if errors else None, errors=errors),
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return problem_response(request, APIError(error.status_code, code, str(error.detail),
-                                                  headers=getattr(error, "headers", None) or {}))
+        return problem_response(
+            request, APIError(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None) or {})
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

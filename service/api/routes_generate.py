@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,14 +20,27 @@ WAIT_MARGIN_SECONDS = 30.0
 
 
 def to_response(record: JobRecord, model: str) -> GenerateResponse:
-    return GenerateResponse(id=record.id, model=model, created=int(record.created_at),
-                            output_format=record.output_format, images=record.images or [])
+    return GenerateResponse(
+        id=record.id,
+        model=model,
+        created=int(record.created_at),
+        output_format=record.output_format,
+        images=record.images or [],
+    )
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate images and wait for them")
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-    submission = build_submission(request, body, prompt=body.prompt, n=body.n, width=body.width,
-                                  height=body.height, output_format=body.output_format, route="generate")
+    submission = build_submission(
+        request,
+        body,
+        prompt=body.prompt,
+        n=body.n,
+        width=body.width,
+        height=body.height,
+        output_format=body.output_format,
+        route="generate",
+    )
     record = await submit(request, submission)
     backend = backend_of(request)
     record = await wait_for_result(request, record, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
@@ -39,11 +53,20 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 
 @router.post("/v1/jobs", status_code=202, response_model=JobAccepted, summary="Queue a generation job")
 async def create_job(body: GenerateRequest, request: Request) -> JSONResponse:
-    submission = build_submission(request, body, prompt=body.prompt, n=body.n, width=body.width,
-                                  height=body.height, output_format=body.output_format, route="jobs")
+    submission = build_submission(
+        request,
+        body,
+        prompt=body.prompt,
+        n=body.n,
+        width=body.width,
+        height=body.height,
+        output_format=body.output_format,
+        route="jobs",
+    )
     record = await submit(request, submission)
-    return JSONResponse({"id": record.id, "status": record.status}, status_code=202,
-                        headers={"Location": f"/v1/jobs/{record.id}"})
+    return JSONResponse(
+        {"id": record.id, "status": record.status}, status_code=202, headers={"Location": f"/v1/jobs/{record.id}"}
+    )
 
 
 async def _job(request: Request, job_id: str) -> JobRecord:
@@ -55,8 +78,15 @@ async def _job(request: Request, job_id: str) -> JobRecord:
 
 def _status(record: JobRecord, model: str) -> JobStatus:
     result = to_response(record, model) if record.status == "succeeded" else None
-    return JobStatus(id=record.id, status=record.status, model=model, created=int(record.created_at),
-                     steps_done=record.steps_done, result=result, error=record.error)
+    return JobStatus(
+        id=record.id,
+        status=record.status,
+        model=model,
+        created=int(record.created_at),
+        steps_done=record.steps_done,
+        result=result,
+        error=record.error,
+    )
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobStatus, summary="A job's status, then its result")
@@ -69,8 +99,10 @@ async def cancel_job(job_id: str, request: Request) -> JobStatus:
     record = await _job(request, job_id)
     if record.terminal and record.status != "cancelled":
         raise APIError(409, "job_finished", f"job {job_id} already {record.status}")
-    record = await backend_of(request).cancel(job_id)
-    return _status(record, backend_of(request).model_name)
+    cancelled = await backend_of(request).cancel(job_id)
+    if cancelled is None:  # expired between the two reads
+        raise APIError(404, "job_not_found", f"no job {job_id!r} (unknown or expired)", field="id")
+    return _status(cancelled, backend_of(request).model_name)
 
 
 @router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: one per denoising step, then the result")
@@ -87,8 +119,9 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
             else:
                 yield _sse(event["type"], event)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

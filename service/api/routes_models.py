@@ -82,29 +82,48 @@ def _serving(request: Request) -> ServingInfo:
         raise APIError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "5"})
     labels = None
     if limits.labels:
-        labels = sorted(limits.labels, key=limits.labels.get)
+        labels = sorted(limits.labels, key=limits.labels.__getitem__)
     return ServingInfo(
-        family=limits.family, labels=labels, num_classes=limits.num_classes,
-        default_steps=limits.default_steps, default_guidance_scale=limits.default_guidance_scale,
-        default_width=limits.default_width, default_height=limits.default_height,
-        size_multiple=limits.size_multiple, min_size=limits.min_size, max_size=limits.max_size,
+        family=limits.family,
+        labels=labels,
+        num_classes=limits.num_classes,
+        default_steps=limits.default_steps,
+        default_guidance_scale=limits.default_guidance_scale,
+        default_width=limits.default_width,
+        default_height=limits.default_height,
+        size_multiple=limits.size_multiple,
+        min_size=limits.min_size,
+        max_size=limits.max_size,
         supports_negative_prompt=limits.supports_negative_prompt,
-        max_n=min(MAX_N, settings_of(request).max_batch_size), cache_methods=list(METHODS),
+        max_n=min(MAX_N, settings_of(request).max_batch_size),
+        cache_methods=list(METHODS),
     )
 
 
-@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True,
-            summary="The served model, in the OpenAI list shape")
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    response_model_exclude_none=True,
+    summary="The served model, in the OpenAI list shape",
+)
 async def list_models(request: Request) -> dict[str, Any]:
     return ModelList(data=[_model(request)]).model_dump(exclude_none=True)
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True,
-            summary="The served model with what it accepts (labels, defaults, sizes)")
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=ModelObject,
+    response_model_exclude_none=True,
+    summary="The served model with what it accepts (labels, defaults, sizes)",
+)
 async def retrieve_model(model_id: str, request: Request) -> ModelObject:
     model = _model(request)
     if model_id != model.id:
-        raise APIError(404, "model_not_found", f"model {model_id!r} is not served here; "
-                                               f"this server serves {model.id!r}", field="model")
+        raise APIError(
+            404,
+            "model_not_found",
+            f"model {model_id!r} is not served here; this server serves {model.id!r}",
+            field="model",
+        )
     model.serving = _serving(request)
     return model

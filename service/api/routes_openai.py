@@ -18,15 +18,27 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 async def images_generations(body: OpenAIImageRequest, request: Request) -> OpenAIImageResponse:
     backend = backend_of(request)
     if body.model is not None and body.model != backend.model_name:
-        raise APIError(404, "model_not_found", f"model {body.model!r} is not served here; "
-                                               f"this server serves {backend.model_name!r}", field="model")
+        raise APIError(
+            404,
+            "model_not_found",
+            f"model {body.model!r} is not served here; this server serves {backend.model_name!r}",
+            field="model",
+        )
     if body.response_format == "url":
         raise invalid("response_format", "only b64_json is supported: this server stores no images")
     width = height = None
     if body.size and body.size != "auto":
         width, height = (int(v) for v in body.size.split("x"))
-    submission = build_submission(request, body, prompt=body.prompt, n=body.n, width=width, height=height,
-                                  output_format=body.output_format or "png", route="openai")
+    submission = build_submission(
+        request,
+        body,
+        prompt=body.prompt,
+        n=body.n,
+        width=width,
+        height=height,
+        output_format=body.output_format or "png",
+        route="openai",
+    )
     record = await submit(request, submission)
     record = await wait_for_result(request, record, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
     if not record.terminal:
@@ -36,8 +48,10 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Open
     spec = submission.spec
     return OpenAIImageResponse(
         created=int(time.time()),
-        data=[{"b64_json": image["b64_json"], "revised_prompt": None, "seed": image["seed"], "stats": image["stats"]}
-              for image in record.images or []],
+        data=[
+            {"b64_json": image["b64_json"], "revised_prompt": None, "seed": image["seed"], "stats": image["stats"]}
+            for image in record.images or []
+        ],
         output_format=submission.output_format,
         size=f"{spec.width}x{spec.height}",
     )

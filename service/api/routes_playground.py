@@ -25,9 +25,13 @@ def playground_html() -> str:
 @router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
 async def playground() -> HTMLResponse:
     # the page talks only to this origin; a strict policy keeps it that way (no inline event handlers needed)
-    return HTMLResponse(playground_html(), headers={
-        "Cache-Control": "no-cache",
-        "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-                                   "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
-        "X-Content-Type-Options": "nosniff",
-    })
+    return HTMLResponse(
+        playground_html(),
+        headers={
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+            "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; connect-src 'self'; "
+            "frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

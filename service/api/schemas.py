@@ -17,13 +17,28 @@ class CacheSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: CacheMethod | None = Field(None, description="fastcache (default), none, or a per-sample peer: taylorseer, teacache, fbcache")
-    tolerance: float | None = Field(None, ge=0.0, le=1.0, description="tau: accepted forecast drift; larger refreshes less often; 0 computes every step")
+    method: CacheMethod | None = Field(
+        None, description="fastcache (default), none, or a per-sample peer: taylorseer, teacache, fbcache"
+    )
+    tolerance: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="tau: accepted forecast drift; larger refreshes less often; 0 computes every step",
+    )
     significance: float | None = Field(None, gt=0.0, le=0.5, description="alpha of the chi-square test")
-    motion_threshold: float | None = Field(None, ge=0.0, le=1.0, description="relative token change below which a token is static; 0 = off")
-    motion_fraction: float | None = Field(None, gt=0.0, le=1.0, description="compute exactly this share of tokens instead of thresholding")
-    merge_ratio: float | None = Field(None, ge=0.0, le=0.9, description="share of computed tokens merged by k-NN density; 0 = off")
-    max_skip_steps: int | None = Field(None, ge=1, le=100, description="most forecast steps in a row (taylorseer: exactly this many)")
+    motion_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="relative token change below which a token is static; 0 = off"
+    )
+    motion_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="compute exactly this share of tokens instead of thresholding"
+    )
+    merge_ratio: float | None = Field(
+        None, ge=0.0, le=0.9, description="share of computed tokens merged by k-NN density; 0 = off"
+    )
+    max_skip_steps: int | None = Field(
+        None, ge=1, le=100, description="most forecast steps in a row (taylorseer: exactly this many)"
+    )
 
 
 class GenerationFields(BaseModel):
@@ -33,17 +48,26 @@ class GenerationFields(BaseModel):
 
     negative_prompt: str | None = Field(None, max_length=2000, description="what to steer away from (text models)")
     steps: int | None = Field(None, ge=1, le=200, description="denoising steps; default: the model's")
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="classifier-free guidance; default: the model's")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the first image (image i uses seed + i); random if omitted")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=30.0, description="classifier-free guidance; default: the model's"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="seed of the first image (image i uses seed + i); random if omitted"
+    )
     cache: CacheSettings = Field(default_factory=CacheSettings)
-    timeout_seconds: float | None = Field(None, gt=0, le=3600, description="deadline; past it the request fails with 504")
+    timeout_seconds: float | None = Field(
+        None, gt=0, le=3600, description="deadline; past it the request fails with 504"
+    )
 
 
 class GenerateRequest(GenerationFields):
     """Body of ``POST /generate`` and ``POST /v1/jobs``."""
 
-    prompt: str = Field(min_length=1, max_length=2000,
-                        description="text, or for a class-conditional model a label name or id such as \"seven\" or \"7\"")
+    prompt: str = Field(
+        min_length=1,
+        max_length=2000,
+        description='text, or for a class-conditional model a label name or id such as "seven" or "7"',
+    )
     n: int = Field(1, ge=1, le=8, description="images to generate")
     width: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
     height: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")

@@ -213,8 +213,18 @@ class Engine:
         limits = self.limits
         prompt = "0" if limits.family == "dit" else "warm-up"
         # the smallest size: proves the model runs end to end without paying for a full-size image
-        self.steps.warmup(GenerationSpec(prompt, None, 2, limits.default_guidance_scale, 0, limits.min_size,
-                                         limits.min_size, self.cache.default_params))
+        self.steps.warmup(
+            GenerationSpec(
+                prompt,
+                None,
+                2,
+                limits.default_guidance_scale,
+                0,
+                limits.min_size,
+                limits.min_size,
+                self.cache.default_params,
+            )
+        )
 
     def _idle(self, idle_since: float) -> None:
         """Nothing to do: release pooled cache memory once idle long enough, then wait for work."""
@@ -240,8 +250,9 @@ class Engine:
             admitted, oversized = self.scheduler.admit()
             telemetry.QUEUE_DEPTH.labels(model=self.model_name).set(len(self.scheduler.waiting))
         for job in oversized:
-            job.finish(failed("invalid_n", f"n={job.n} exceeds this worker's max batch size "
-                                            f"{self.max_batch_size}", 422))
+            job.finish(
+                failed("invalid_n", f"n={job.n} exceeds this worker's max batch size {self.max_batch_size}", 422)
+            )
         now = time.time()
         for job in admitted:
             job.admitted_at = now

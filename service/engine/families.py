@@ -9,8 +9,9 @@ with its own guidance scale) and decodes finished samples. It reuses the pipelin
 from __future__ import annotations
 
 import copy
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class ModelLimits:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelLimits":
+    def from_dict(cls, data: dict[str, Any]) -> ModelLimits:
         return cls(**data)
 
 
@@ -85,7 +86,8 @@ class Sample:
 
     @property
     def timestep(self) -> torch.Tensor:
-        return self.scheduler.timesteps[self.step]
+        timestep: torch.Tensor = self.scheduler.timesteps[self.step]
+        return timestep
 
 
 def resolve_label(limits: ModelLimits, prompt: str) -> int:
@@ -101,9 +103,10 @@ def resolve_label(limits: ModelLimits, prompt: str) -> int:
         return value
     if limits.labels and text in limits.labels:
         return limits.labels[text]
-    names = ", ".join(sorted(limits.labels, key=limits.labels.get)) if limits.labels else "class ids only"
-    raise InvalidField("prompt", f"this class-conditional model takes a label name or id; "
-                                 f"{text[:40]!r} is not one of: {names}")
+    names = ", ".join(sorted(limits.labels, key=limits.labels.__getitem__)) if limits.labels else "class ids only"
+    raise InvalidField(
+        "prompt", f"this class-conditional model takes a label name or id; {text[:40]!r} is not one of: {names}"
+    )
 
 
 SERVING_DEFAULTS_FILE = "fastcache_serving.json"
@@ -135,8 +138,11 @@ def validate_spec(limits: ModelLimits, spec: GenerationSpec) -> None:
     """Check a request against what the model serves; raises ``InvalidField`` naming the field."""
     for name, value in (("width", spec.width), ("height", spec.height)):
         if value % limits.size_multiple or not limits.min_size <= value <= limits.max_size:
-            raise InvalidField(name, f"{name} must be a multiple of {limits.size_multiple} in "
-                                     f"[{limits.min_size}, {limits.max_size}] for this model; got {value}")
+            raise InvalidField(
+                name,
+                f"{name} must be a multiple of {limits.size_multiple} in "
+                f"[{limits.min_size}, {limits.max_size}] for this model; got {value}",
+            )
     if spec.negative_prompt and not limits.supports_negative_prompt:
         raise InvalidField("negative_prompt", f"this {limits.family} model takes no negative prompt")
     if limits.family == "dit":
@@ -163,7 +169,7 @@ class FamilyRunner:
         """The family's defaults and size rules, before the model directory's own serving defaults."""
         raise NotImplementedError
 
-    def compat_key(self, spec: GenerationSpec) -> tuple:
+    def compat_key(self, spec: GenerationSpec) -> tuple[Hashable, ...]:
         """Samples with equal keys can share a transformer forward."""
         return (spec.width, spec.height)
 
@@ -186,7 +192,9 @@ class FamilyRunner:
     def forward(self, samples: list[Sample], cache: FastCache) -> list[torch.Tensor]:
         """One transformer forward for all ``samples``; returns each sample's guided model output."""
         rows: list[tuple[Hashable, int]] = []
-        latents, timesteps, conds = [], [], {}
+        latents: list[torch.Tensor] = []
+        timesteps: list[torch.Tensor] = []
+        conds: dict[str, list[torch.Tensor]] = {}
         for branch in (0, 1):
             for s in samples:
                 cond = s.cond if branch == 0 else s.uncond
@@ -202,8 +210,9 @@ class FamilyRunner:
                     conds.setdefault(name, []).append(value)
         cache.bind(rows)
         try:
-            output = self.call_transformer(torch.cat(latents), torch.cat(timesteps),
-                                           {k: torch.cat(v) for k, v in conds.items()}, samples[0])
+            output = self.call_transformer(
+                torch.cat(latents), torch.cat(timesteps), {k: torch.cat(v) for k, v in conds.items()}, samples[0]
+            )
         finally:
             cache.bind(None)
         results = []
@@ -218,8 +227,9 @@ class FamilyRunner:
     def model_timestep(self, sample: Sample) -> torch.Tensor:
         return sample.timestep.reshape(1).to(self.device)
 
-    def call_transformer(self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor],
-                         first: Sample) -> torch.Tensor:
+    def call_transformer(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor], first: Sample
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def step(self, sample: Sample, model_output: torch.Tensor) -> None:
@@ -247,10 +257,21 @@ class DiTRunner(FamilyRunner):
         multiple = cfg.patch_size * vae_factor
         labels = dict(self.pipe.labels) if getattr(self.pipe, "labels", None) else None
         # small (CPU) DiTs over-saturate at DiT-XL's guidance 4: 1.5 suits them
-        return ModelLimits("dit", 50, 1.5 if native <= 64 else 4.0, native, native, multiple, 2 * multiple,
-                           2 * native, False, labels, num_classes=cfg.num_embeds_ada_norm)
+        return ModelLimits(
+            "dit",
+            50,
+            1.5 if native <= 64 else 4.0,
+            native,
+            native,
+            multiple,
+            2 * multiple,
+            2 * native,
+            False,
+            labels,
+            num_classes=cfg.num_embeds_ada_norm,
+        )
 
-    def compat_key(self, spec: GenerationSpec) -> tuple:
+    def compat_key(self, spec: GenerationSpec) -> tuple[Hashable, ...]:
         return (spec.width, spec.height)
 
     def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
@@ -266,8 +287,10 @@ class DiTRunner(FamilyRunner):
     def model_timestep(self, sample: Sample) -> torch.Tensor:
         return sample.timestep.reshape(1).to(self.device)
 
-    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
-        out = self.transformer(latents, timestep=timesteps, class_labels=conds["class_labels"]).sample
+    def call_transformer(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor], first: Sample
+    ) -> torch.Tensor:
+        out: torch.Tensor = self.transformer(latents, timestep=timesteps, class_labels=conds["class_labels"]).sample
         channels = self.transformer.config.in_channels
         if self.transformer.config.out_channels // 2 == channels:
             out = out[:, :channels]  # learned sigma: keep the noise prediction
@@ -277,7 +300,8 @@ class DiTRunner(FamilyRunner):
     def decode(self, samples: list[Sample]) -> list[Image.Image]:
         latents = torch.cat([s.latents for s in samples]) / self.pipe.vae.config.scaling_factor
         images = (self.pipe.vae.decode(latents.to(self.pipe.vae.dtype)).sample / 2 + 0.5).clamp(0, 1)
-        return self.pipe.numpy_to_pil(images.cpu().permute(0, 2, 3, 1).float().numpy())
+        pil: list[Image.Image] = self.pipe.numpy_to_pil(images.cpu().permute(0, 2, 3, 1).float().numpy())
+        return pil
 
 
 class _TextRunner(FamilyRunner):
@@ -286,10 +310,12 @@ class _TextRunner(FamilyRunner):
     max_sequence_length = 120
 
     def _vae_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        factor: int = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return factor
 
     def _postprocess(self, images: torch.Tensor) -> list[Image.Image]:
-        return self.pipe.image_processor.postprocess(images, output_type="pil")
+        pil: list[Image.Image] = self.pipe.image_processor.postprocess(images, output_type="pil")
+        return pil
 
     def _text_length(self) -> int:
         tokenizer = getattr(self.pipe, "tokenizer_2", None) or self.pipe.tokenizer
@@ -309,29 +335,46 @@ class PixArtRunner(_TextRunner):
     def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
         guidance = self._uses_guidance(spec)
         embeds, mask, neg_embeds, neg_mask = self.pipe.encode_prompt(
-            spec.prompt, do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "",
-            device=self.device, max_sequence_length=self._text_length(),
+            spec.prompt,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=spec.negative_prompt or "",
+            device=self.device,
+            max_sequence_length=self._text_length(),
         )
         factor = self._vae_factor()
         shape = (1, self.transformer.config.in_channels, spec.height // factor, spec.width // factor)
-        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32).to(self.device, self.dtype)
+        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32).to(
+            self.device, self.dtype
+        )
         scheduler = self._scheduler(spec.steps)
         latents = latents * scheduler.init_noise_sigma
         cond = {"encoder_hidden_states": embeds.to(self.dtype), "encoder_attention_mask": mask}
-        uncond = {"encoder_hidden_states": neg_embeds.to(self.dtype), "encoder_attention_mask": neg_mask} if guidance else None
+        uncond = (
+            {"encoder_hidden_states": neg_embeds.to(self.dtype), "encoder_attention_mask": neg_mask}
+            if guidance
+            else None
+        )
         if self.transformer.config.use_additional_conditions:
-            extra = {"resolution": torch.tensor([[spec.height, spec.width]], dtype=self.dtype, device=self.device),
-                     "aspect_ratio": torch.tensor([[spec.height / spec.width]], dtype=self.dtype, device=self.device)}
+            extra = {
+                "resolution": torch.tensor([[spec.height, spec.width]], dtype=self.dtype, device=self.device),
+                "aspect_ratio": torch.tensor([[spec.height / spec.width]], dtype=self.dtype, device=self.device),
+            }
             cond.update(extra)
             if uncond is not None:
                 uncond.update(extra)
         return Sample(sample_id, spec, latents, scheduler, cond, uncond)
 
-    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
+    def call_transformer(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor], first: Sample
+    ) -> torch.Tensor:
         added = {"resolution": conds.get("resolution"), "aspect_ratio": conds.get("aspect_ratio")}
-        out = self.transformer(latents, encoder_hidden_states=conds["encoder_hidden_states"],
-                               encoder_attention_mask=conds["encoder_attention_mask"], timestep=timesteps,
-                               added_cond_kwargs=added).sample
+        out: torch.Tensor = self.transformer(
+            latents,
+            encoder_hidden_states=conds["encoder_hidden_states"],
+            encoder_attention_mask=conds["encoder_attention_mask"],
+            timestep=timesteps,
+            added_cond_kwargs=added,
+        ).sample
         channels = self.transformer.config.in_channels
         if self.transformer.config.out_channels // 2 == channels:
             out = out.chunk(2, dim=1)[0]
@@ -358,30 +401,50 @@ class SD3Runner(_TextRunner):
     def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
         guidance = self._uses_guidance(spec)
         embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt=spec.prompt, prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "",
+            prompt=spec.prompt,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=spec.negative_prompt or "",
             max_sequence_length=self._text_length(),
         )
         factor = self._vae_factor()
         shape = (1, self.transformer.config.in_channels, spec.height // factor, spec.width // factor)
-        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32).to(self.device, self.dtype)
+        latents = torch.randn(shape, generator=self._generator(spec.seed), dtype=torch.float32).to(
+            self.device, self.dtype
+        )
         kwargs = {}
         if self.pipe.scheduler.config.get("use_dynamic_shifting", None):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
             cfg = self.pipe.scheduler.config
             seq = (shape[2] // self.transformer.config.patch_size) * (shape[3] // self.transformer.config.patch_size)
-            kwargs["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+            kwargs["mu"] = calculate_shift(
+                seq,
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.16),
+            )
         cond = {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
-        uncond = ({"encoder_hidden_states": neg_embeds.to(self.dtype), "pooled_projections": neg_pooled.to(self.dtype)}
-                  if guidance else None)
+        uncond = (
+            {"encoder_hidden_states": neg_embeds.to(self.dtype), "pooled_projections": neg_pooled.to(self.dtype)}
+            if guidance
+            else None
+        )
         return Sample(sample_id, spec, latents, self._scheduler(spec.steps, **kwargs), cond, uncond)
 
-    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
-        return self.transformer(hidden_states=latents, timestep=timesteps,
-                                encoder_hidden_states=conds["encoder_hidden_states"],
-                                pooled_projections=conds["pooled_projections"]).sample
+    def call_transformer(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor], first: Sample
+    ) -> torch.Tensor:
+        out: torch.Tensor = self.transformer(
+            hidden_states=latents,
+            timestep=timesteps,
+            encoder_hidden_states=conds["encoder_hidden_states"],
+            pooled_projections=conds["pooled_projections"],
+        ).sample
+        return out
 
     @torch.no_grad()
     def decode(self, samples: list[Sample]) -> list[Image.Image]:
@@ -405,19 +468,26 @@ class FluxRunner(_TextRunner):
         return False
 
     def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
-        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=spec.prompt, prompt_2=None, device=self.device,
-                                                           max_sequence_length=self._text_length())
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=spec.prompt, prompt_2=None, device=self.device, max_sequence_length=self._text_length()
+        )
         channels = self.transformer.config.in_channels // 4
-        latents, image_ids = self.pipe.prepare_latents(1, channels, spec.height, spec.width, torch.float32,
-                                                       torch.device("cpu"), self._generator(spec.seed))
+        latents, image_ids = self.pipe.prepare_latents(
+            1, channels, spec.height, spec.width, torch.float32, torch.device("cpu"), self._generator(spec.seed)
+        )
         latents = latents.to(self.device, self.dtype)
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.pipe.scheduler.config
         steps = spec.steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = calculate_shift(
+            latents.shape[1],
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
         scheduler = copy.deepcopy(self.pipe.scheduler)
         scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
         cond = {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
@@ -427,17 +497,25 @@ class FluxRunner(_TextRunner):
         sample.extra = {"txt_ids": text_ids.to(self.device), "img_ids": image_ids.to(self.device)}
         return sample
 
-    def compat_key(self, spec: GenerationSpec) -> tuple:
+    def compat_key(self, spec: GenerationSpec) -> tuple[Hashable, ...]:
         return (spec.width, spec.height)
 
     def model_timestep(self, sample: Sample) -> torch.Tensor:
         return (sample.timestep.reshape(1) / 1000).to(self.device)
 
-    def call_transformer(self, latents, timesteps, conds, first) -> torch.Tensor:
-        return self.transformer(hidden_states=latents, timestep=timesteps, guidance=conds.get("guidance"),
-                                pooled_projections=conds["pooled_projections"],
-                                encoder_hidden_states=conds["encoder_hidden_states"],
-                                txt_ids=first.extra["txt_ids"], img_ids=first.extra["img_ids"]).sample
+    def call_transformer(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conds: dict[str, torch.Tensor], first: Sample
+    ) -> torch.Tensor:
+        out: torch.Tensor = self.transformer(
+            hidden_states=latents,
+            timestep=timesteps,
+            guidance=conds.get("guidance"),
+            pooled_projections=conds["pooled_projections"],
+            encoder_hidden_states=conds["encoder_hidden_states"],
+            txt_ids=first.extra["txt_ids"],
+            img_ids=first.extra["img_ids"],
+        ).sample
+        return out
 
     @torch.no_grad()
     def decode(self, samples: list[Sample]) -> list[Image.Image]:

@@ -15,20 +15,26 @@ class ImageStats(BaseModel):
     queue_wait_seconds: float = Field(description="from submission to admission into the running batch")
     compute_seconds: float = Field(description="from the image's first denoising step to its decoded result")
     steps: int = Field(description="denoising steps run")
-    batch_sizes: list[int] = Field(description="images in this image's batch (its resolution's group) "
-                                               "at each of its steps")
+    batch_sizes: list[int] = Field(
+        description="images in this image's batch (its resolution's group) at each of its steps"
+    )
     blocks_computed: int = Field(description="block evaluations really run (per sample, a guidance pair counts once)")
     blocks_approximated: int = Field(description="block evaluations served by the cache")
-    tokens_computed_fraction: float = Field(description="at real computes, the share of image tokens that went through the blocks")
+    tokens_computed_fraction: float = Field(
+        description="at real computes, the share of image tokens that went through the blocks"
+    )
     cache_hit_rate: float = Field(description="blocks_approximated / (blocks_computed + blocks_approximated)")
     mac_fraction: float = Field(description="estimated transformer MACs spent relative to uncached")
     method: str = Field(description="the cache method the image ran with")
     cache: dict[str, Any] = Field(description="the cache settings the image ran with, defaults filled in")
-    approximator: str = Field(description="how skipped steps were filled: fitted forecast, taylor order 1, residual reuse or none")
+    approximator: str = Field(
+        description="how skipped steps were filled: fitted forecast, taylor order 1, residual reuse or none"
+    )
 
     @classmethod
-    def from_sample(cls, stats: SampleStats, *, queue_wait_seconds: float, compute_seconds: float,
-                    batch_sizes: list[int]) -> "ImageStats":
+    def from_sample(
+        cls, stats: SampleStats, *, queue_wait_seconds: float, compute_seconds: float, batch_sizes: list[int]
+    ) -> ImageStats:
         """The stats of one finished image from the cache's counters and the engine's timings."""
         return cls(
             queue_wait_seconds=round(queue_wait_seconds, 6),

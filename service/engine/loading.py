@@ -17,9 +17,17 @@ def load_pipeline(model: str, device: str, dtype: str) -> Any:
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     # components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None explicitly
     index = DiffusionPipeline.load_config(model)
-    absent = {name: None for name, value in index.items()
-              if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None}
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **absent)
+    overrides: dict[str, Any] = {
+        name: None
+        for name, value in index.items()
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None
+    }
+    # DiTPipeline annotates id2label dict[int, str], but JSON keys are strings: handed over as read, it makes
+    # from_pretrained log "Expected types for id2label" on every load. Passed with int keys, nothing is logged.
+    labels = index.get("id2label")
+    if isinstance(labels, dict):
+        overrides["id2label"] = {int(key): name for key, name in labels.items()}
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -33,5 +41,10 @@ def build_engine(settings: Settings) -> Engine:
     device = settings.resolved_device()
     pipe = load_pipeline(settings.model, device, settings.resolved_dtype())
     runner = runner_for(pipe, torch.device(device), pipe.transformer.dtype)
-    return Engine(runner, settings.served_model_name, settings.max_batch_size, settings.max_queue,
-                  idle_release_seconds=settings.idle_release_seconds)
+    return Engine(
+        runner,
+        settings.served_model_name,
+        settings.max_batch_size,
+        settings.max_queue,
+        idle_release_seconds=settings.idle_release_seconds,
+    )

@@ -57,16 +57,18 @@ class OutputProcessor:
             return
         done = time.time()
         results = []
-        for data, seed, sample_stats in zip(encoded, seeds, stats):
-            results.append({
-                "b64_json": data,
-                "seed": seed,
-                "stats": ImageStats.from_sample(
-                    sample_stats,
-                    queue_wait_seconds=(job.admitted_at or done) - job.submitted_at,
-                    compute_seconds=done - (job.first_step_at or done),
-                    batch_sizes=job.batch_sizes,
-                ).model_dump(),
-            })
+        for data, seed, sample_stats in zip(encoded, seeds, stats, strict=True):
+            results.append(
+                {
+                    "b64_json": data,
+                    "seed": seed,
+                    "stats": ImageStats.from_sample(
+                        sample_stats,
+                        queue_wait_seconds=(job.admitted_at or done) - job.submitted_at,
+                        compute_seconds=done - (job.first_step_at or done),
+                        batch_sizes=job.batch_sizes,
+                    ).model_dump(),
+                }
+            )
             telemetry.record_image(self.model_name, sample_stats)
         job.finish(JobResult("succeeded", images=results))

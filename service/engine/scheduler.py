@@ -34,8 +34,9 @@ lock and does the model work itself.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 from service.engine.job import Job, QueueFull
 
@@ -145,7 +146,5 @@ class Scheduler:
 
     def _forget(self, key: Hashable) -> None:
         self._groups.pop(key, None)
-        try:
+        with contextlib.suppress(ValueError):
             self._turns.remove(key)
-        except ValueError:
-            pass

@@ -7,7 +7,9 @@ jobs of its batch carry on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Hashable
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +28,7 @@ class StepRunner:
         self.family = family
         self.cache = cache
 
-    def compat_key(self, job: Job) -> tuple:
+    def compat_key(self, job: Job) -> tuple[Hashable, ...]:
         return self.family.compat_key(job.spec)
 
     def prepare(self, job: Job) -> JobError | None:
@@ -73,10 +75,10 @@ class StepRunner:
         errors = {}
         offset = 0
         for job in jobs:
-            mine = outputs[offset: offset + len(job.samples)]
+            mine = outputs[offset : offset + len(job.samples)]
             offset += len(job.samples)
             try:
-                for sample, output in zip(job.samples, mine):
+                for sample, output in zip(job.samples, mine, strict=True):
                     self.family.step(sample, output)
             except Exception as error:
                 logger.exception("scheduler step of job %s failed", job.job_id)
@@ -91,10 +93,8 @@ class StepRunner:
         """Unregister the job's images from the cache and return their counters (nothing if never prepared)."""
         stats = []
         for sample in job.samples:
-            try:
+            with contextlib.suppress(KeyError):
                 stats.append(self.cache.remove_sample(sample.sample_id))
-            except KeyError:
-                pass
         job.samples = []
         return stats
 

@@ -6,8 +6,9 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from service.engine.families import GenerationSpec, ModelLimits
 
@@ -46,7 +47,7 @@ class JobSubmission:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobSubmission":
+    def from_json(cls, text: str) -> JobSubmission:
         from fastcache_core import CacheParams
 
         data = json.loads(text)
@@ -81,7 +82,7 @@ class JobRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobRecord":
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
         return cls(**data)
 
 
@@ -127,5 +128,5 @@ class JobBackend(ABC):
     async def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it without waiting, freeing its batch slot."""
 
-    async def refresh_metrics(self) -> None:
+    async def refresh_metrics(self) -> None:  # noqa: B027 (an optional hook: backends without gauges keep this no-op)
         """Update backend gauges (stream length, pending entries) before a scrape."""

@@ -7,11 +7,14 @@ count against ``--max-result-bytes``, past which the oldest finished results are
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from service import telemetry
 from service.engine.engine import Engine, Job, JobResult, NotAccepting, QueueFull
@@ -32,6 +35,9 @@ class _TrackedJob:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     result_bytes: int = 0
 
+    def has_events_after(self, seen: int) -> bool:
+        return len(self.events) > seen
+
 
 class LocalBackend(JobBackend):
     """Runs jobs on an ``Engine`` in this process; job records live in memory, bounded in time and bytes."""
@@ -44,8 +50,8 @@ class LocalBackend(JobBackend):
         self._idempotency: dict[str, tuple[str, str]] = {}
         self._result_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._load_task: asyncio.Task | None = None
-        self._prune_task: asyncio.Task | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._load_error: str | None = None
 
     async def start(self) -> None:
@@ -96,16 +102,21 @@ class LocalBackend(JobBackend):
             if job_id in self._jobs:
                 return self._jobs[job_id].record
         ok, reason = await self.ready()
-        if not ok:
+        if not ok or self.engine is None:
             raise NotReadyError(reason)
         job_id = uuid.uuid4().hex
         record = JobRecord(id=job_id, status="queued", route=submission.route, output_format=submission.output_format)
         now = time.time()
         engine_job = Job(
-            job_id=job_id, spec=submission.spec, n=submission.n, output_format=submission.output_format,
-            route=submission.route, submitted_at=now, deadline=now + submission.timeout_seconds,
-            on_event=lambda event, j=job_id: self._threadsafe(self._on_event, j, event),
-            on_done=lambda result, j=job_id: self._threadsafe(self._on_done, j, result),
+            job_id=job_id,
+            spec=submission.spec,
+            n=submission.n,
+            output_format=submission.output_format,
+            route=submission.route,
+            submitted_at=now,
+            deadline=now + submission.timeout_seconds,
+            on_event=functools.partial(self._threadsafe, self._on_event, job_id),
+            on_done=functools.partial(self._threadsafe, self._on_done, job_id),
         )
         tracked = _TrackedJob(record, engine_job)
         self._jobs[job_id] = tracked
@@ -131,10 +142,8 @@ class LocalBackend(JobBackend):
         if tracked is None:
             raise NotReadyError(f"job {job_id} is no longer stored")
         async with tracked.changed:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(tracked.changed.wait_for(lambda: tracked.record.terminal), timeout)
-            except asyncio.TimeoutError:
-                pass
         return tracked.record
 
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
@@ -142,7 +151,7 @@ class LocalBackend(JobBackend):
         index = 0
         while True:
             async with tracked.changed:
-                await tracked.changed.wait_for(lambda: len(tracked.events) > index)
+                await tracked.changed.wait_for(functools.partial(tracked.has_events_after, index))
                 pending = tracked.events[index:]
             for event in pending:
                 index += 1
@@ -154,7 +163,7 @@ class LocalBackend(JobBackend):
         tracked = self._jobs.get(job_id)
         if tracked is None:
             return None
-        if not tracked.record.terminal:
+        if not tracked.record.terminal and self.engine is not None:  # a tracked job implies an engine
             self.engine.cancel(job_id)
             await self.wait(job_id, timeout=30.0)
         return tracked.record
@@ -167,10 +176,8 @@ class LocalBackend(JobBackend):
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (process exit)
                 self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(callback(*args)))
-            except RuntimeError:  # the loop closed meanwhile (process exit)
-                pass
 
     async def _on_event(self, job_id: str, event: dict[str, Any]) -> None:
         tracked = self._jobs.get(job_id)
@@ -193,8 +200,11 @@ class LocalBackend(JobBackend):
             record.finished_at = time.time()
             record.images = result.images or None
             if result.error is not None:
-                record.error = {"code": result.error.code, "message": result.error.message,
-                                "status": result.error.status}
+                record.error = {
+                    "code": result.error.code,
+                    "message": result.error.message,
+                    "status": result.error.status,
+                }
             tracked.events.append({"type": "result", "job": record.to_dict()})
             tracked.changed.notify_all()
         tracked.result_bytes = sum(len(image.get("b64_json", "")) for image in record.images or [])
@@ -223,8 +233,11 @@ class LocalBackend(JobBackend):
         """Drop the oldest finished results until the stored images fit ``--max-result-bytes``."""
         if self._result_bytes <= self.settings.max_result_bytes:
             return
-        finished = sorted((t.record.finished_at, j) for j, t in self._jobs.items()
-                          if t.record.finished_at and t.result_bytes and j != keep)
+        finished = sorted(
+            (t.record.finished_at, j)
+            for j, t in self._jobs.items()
+            if t.record.finished_at and t.result_bytes and j != keep
+        )
         for _, job_id in finished:
             if self._result_bytes <= self.settings.max_result_bytes:
                 break
@@ -243,4 +256,3 @@ class LocalBackend(JobBackend):
         telemetry.RESULTS_PRUNED.labels(reason=reason).inc()
         for key in [k for k, (_, j) in self._idempotency.items() if j == job_id]:
             del self._idempotency[key]
-

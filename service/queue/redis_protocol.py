@@ -20,7 +20,10 @@ a client retrying after an unknown outcome finds either all of it or nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+StreamEntry = tuple[str, dict[str, str]]
+"""A stream entry as the service's clients read it (``decode_responses=True``): (entry id, fields)."""
 
 
 @dataclass(frozen=True)
@@ -181,16 +184,31 @@ def client_options(timeout: float, asynchronous: bool) -> dict[str, Any]:
     so API and workers reconnect on their own; what still fails after the retries is an outage, which
     the API answers with 503 and the worker rides out.
     """
+    from redis.asyncio.retry import Retry as AsyncRetry
     from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
 
-    if asynchronous:
-        from redis.asyncio.retry import Retry
-    else:
-        from redis.retry import Retry
+    backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.05)
     return {
         "decode_responses": True,
         "socket_timeout": timeout,
         "socket_connect_timeout": min(timeout, 2.0),
-        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=2),
+        "retry": AsyncRetry(backoff, retries=2) if asynchronous else Retry(backoff, retries=2),
         "health_check_interval": 10,
     }
+
+
+def read_entries(reply: object) -> list[StreamEntry]:
+    """The entries of an XREAD / XREADGROUP reply, over all the streams read, in order.
+
+    redis-py annotates the reply as the union of every protocol's shape; the clients made with
+    ``client_options`` get its default (legacy) shape ``[[stream, [(id, fields), ...]], ...]``, or
+    ``None`` / ``[]`` when nothing arrived.
+    """
+    streams = cast("list[tuple[str, list[StreamEntry]]]", reply or [])
+    return [entry for _, entries in streams for entry in entries]
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply value as text: a no-op for the clients made with ``client_options`` (they decode replies)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -9,11 +9,13 @@ answers with ``503`` and ``Retry-After``. Nothing here needs a restart after an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from service import telemetry
 from service.engine.families import ModelLimits
@@ -25,6 +27,7 @@ from service.queue.redis_protocol import (
     SUBMIT_SCRIPT,
     RedisLayout,
     client_options,
+    read_entries,
 )
 from service.settings import Settings
 
@@ -40,8 +43,14 @@ def outage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "Redis is unreachable or not serving now" (not a bug in a command)."""
     import redis
 
-    return (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
-            redis.exceptions.ClusterDownError, OSError, asyncio.TimeoutError)
+    return (
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.exceptions.ReadOnlyError,
+        redis.exceptions.ClusterDownError,
+        OSError,
+        asyncio.TimeoutError,
+    )
 
 
 class RedisBackend(JobBackend):
@@ -57,7 +66,7 @@ class RedisBackend(JobBackend):
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)
         self._limits: ModelLimits | None = None
         self._unreachable: str | None = "not connected yet"
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
     # ------------------------------------------------------------------ lifecycle and health
@@ -68,10 +77,8 @@ class RedisBackend(JobBackend):
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        try:
+        with contextlib.suppress(Exception):  # closing a connection to a Redis that is gone
             await asyncio.wait_for(self.redis.aclose(), 2.0)
-        except Exception:  # closing a connection to a Redis that is gone
-            pass
 
     async def _op(self, awaitable: Awaitable[T]) -> T:
         """Run one Redis operation within ``--redis-timeout``; an outage becomes ``NotReadyError``."""
@@ -90,10 +97,8 @@ class RedisBackend(JobBackend):
     async def _refresh_loop(self) -> None:
         """Keep reachability and the workers' model limits current (``limits()`` is synchronous)."""
         while True:
-            try:
+            with contextlib.suppress(NotReadyError):
                 await self._refresh()
-            except NotReadyError:
-                pass
             await asyncio.sleep(1.0)
 
     async def _refresh(self) -> None:
@@ -120,10 +125,8 @@ class RedisBackend(JobBackend):
             except Exception:  # the connection went away: waiters poll meanwhile; subscribe again
                 await asyncio.sleep(POLL_SECONDS)
             finally:
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), 1.0)
-                except Exception:
-                    pass
 
     def limits(self) -> ModelLimits | None:
         return self._limits if self._unreachable is None else None
@@ -154,10 +157,21 @@ class RedisBackend(JobBackend):
         ttl = self.settings.job_ttl_seconds
         job_id = uuid.uuid4().hex
         record = JobRecord(id=job_id, status="queued", route=submission.route, output_format=submission.output_format)
-        keys = [self.layout.stream, self.layout.job(job_id),
-                self.layout.idempotency(idempotency_key) if idempotency_key is not None else ""]
-        args = [submission.fingerprint(), job_id, json.dumps(record.to_dict()), submission.to_json(), ttl,
-                self.settings.max_queue, self.settings.max_queue * 10 + 1000, self.layout.job_prefix]
+        keys = [
+            self.layout.stream,
+            self.layout.job(job_id),
+            self.layout.idempotency(idempotency_key) if idempotency_key is not None else "",
+        ]
+        args: list[str | int] = [
+            submission.fingerprint(),
+            job_id,
+            json.dumps(record.to_dict()),
+            submission.to_json(),
+            ttl,
+            self.settings.max_queue,
+            self.settings.max_queue * 10 + 1000,
+            self.layout.job_prefix,
+        ]
         outcome, known_id, known_record = await self._op(self._submit(keys=keys, args=args))
         if outcome == "conflict":
             raise IdempotencyConflict("Idempotency-Key was used with a different request body")
@@ -191,10 +205,8 @@ class RedisBackend(JobBackend):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(POLL_SECONDS, remaining))
-                except asyncio.TimeoutError:
-                    pass
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:
@@ -202,8 +214,9 @@ class RedisBackend(JobBackend):
                 if not waiters:
                     del self._waiters[job_id]
         if outage is not None or record is None:
-            raise NotReadyError(f"{outage or 'job record unavailable'}; job {job_id} may still finish: "
-                                f"GET /v1/jobs/{job_id}")
+            raise NotReadyError(
+                f"{outage or 'job record unavailable'}; job {job_id} may still finish: GET /v1/jobs/{job_id}"
+            )
         return record
 
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
@@ -214,13 +227,12 @@ class RedisBackend(JobBackend):
             except NotReadyError:  # the stream resumes where it left off once Redis is back
                 await asyncio.sleep(POLL_SECONDS)
                 continue
-            for _, entries in response:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    event = json.loads(fields["event"])
-                    yield event
-                    if event["type"] == "result":
-                        return
+            for entry_id, fields in read_entries(response):
+                last = entry_id
+                event = json.loads(fields["event"])
+                yield event
+                if event["type"] == "result":
+                    return
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         record = await self._request_cancel(job_id)
@@ -253,7 +265,17 @@ async def store_result(redis_client: Any, layout: RedisLayout, record: JobRecord
     """Store a finished record (unless one exists) with its result event and wake-up, atomically."""
     event = json.dumps({"type": "result", "job": record.to_dict()})
     stored = await redis_client.eval(
-        STORE_RESULT_SCRIPT, 4, layout.job(record.id), layout.results_stored, layout.events(record.id),
-        layout.results_refused, json.dumps(record.to_dict()), ttl, event, layout.done_channel, record.id, EVENTS_MAXLEN)
+        STORE_RESULT_SCRIPT,
+        4,
+        layout.job(record.id),
+        layout.results_stored,
+        layout.events(record.id),
+        layout.results_refused,
+        json.dumps(record.to_dict()),
+        ttl,
+        event,
+        layout.done_channel,
+        record.id,
+        EVENTS_MAXLEN,
+    )
     return bool(stored)
-
