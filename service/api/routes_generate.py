@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service.api.deps import backend_of, build_submission, failure, require_api_key, submit, wait_for_result
 from service.api.errors import APIError
 from service.api.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobStatus
-from service.queue.base import JobRecord
+from service.queue.base import JobRecord, JobSubmission
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["generation"])
 
@@ -29,9 +29,9 @@ def to_response(record: JobRecord, model: str) -> GenerateResponse:
     )
 
 
-@router.post("/generate", response_model=GenerateResponse, summary="Generate images and wait for them")
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-    submission = build_submission(
+def _submission_of(request: Request, body: GenerateRequest, route: str) -> JobSubmission:
+    """The queued form of a native request (``/generate`` and ``/v1/jobs`` take the same body)."""
+    return build_submission(
         request,
         body,
         prompt=body.prompt,
@@ -39,8 +39,13 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         width=body.width,
         height=body.height,
         output_format=body.output_format,
-        route="generate",
+        route=route,
     )
+
+
+@router.post("/generate", response_model=GenerateResponse, summary="Generate images and wait for them")
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+    submission = _submission_of(request, body, route="generate")
     record = await submit(request, submission)
     backend = backend_of(request)
     record = await wait_for_result(request, record, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
@@ -53,16 +58,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 
 @router.post("/v1/jobs", status_code=202, response_model=JobAccepted, summary="Queue a generation job")
 async def create_job(body: GenerateRequest, request: Request) -> JSONResponse:
-    submission = build_submission(
-        request,
-        body,
-        prompt=body.prompt,
-        n=body.n,
-        width=body.width,
-        height=body.height,
-        output_format=body.output_format,
-        route="jobs",
-    )
+    submission = _submission_of(request, body, route="jobs")
     record = await submit(request, submission)
     return JSONResponse(
         {"id": record.id, "status": record.status}, status_code=202, headers={"Location": f"/v1/jobs/{record.id}"}
