@@ -415,31 +415,35 @@ class TransformerFlops:
 
 
 class TransformerTimer:
-    """Wall-clock of every transformer forward, and of the math inside its blocks.
+    """Wall-clock of every transformer forward, of every block, and of the math inside the blocks.
 
-    Hooks time the transformer (outermost, before any other pre-hook) and every direct child module of
-    every block (attention, feed-forward, norms: the block's own math). Torch's module hooks run inside
-    any forward replaced by a cache's registry hook, so a skipped block is simply not timed. On CUDA
-    every hook synchronizes, so this runs apart from the timed runs.
+    Hooks time the transformer (outermost, before any other pre-hook), every block as a whole, and every
+    direct child module of every block (attention, feed-forward, norms: the block's own math). Torch's
+    module hooks run inside any forward replaced by a cache's registry hook, so a skipped block is simply
+    not timed. A block's first child counts the block's executions. On CUDA every hook synchronizes, so
+    this runs apart from the timed runs.
     """
 
     def __init__(self, transformer: torch.nn.Module, device: str) -> None:
         from fastcache_core.adapters import adapter_for
 
         self.cuda = device.startswith("cuda")
-        self.total = self.inside = 0.0
-        self.forwards = 0
+        self.total = self.inside = self.blocks_total = 0.0
+        self.forwards = self.block_calls = 0
         self._started: dict[int, float] = {}
         self._hooks = [
             transformer.register_forward_pre_hook(self._enter(-1), prepend=True),
-            transformer.register_forward_hook(self._exit(-1, outer=True)),
+            transformer.register_forward_hook(self._exit(-1, "transformer")),
         ]
         for block in adapter_for(transformer).blocks(transformer):
-            for child in block.children():
-                key = id(child)
+            self._hooks += [
+                block.register_forward_pre_hook(self._enter(id(block))),
+                block.register_forward_hook(self._exit(id(block), "block")),
+            ]
+            for position, child in enumerate(block.children()):
                 self._hooks += [
-                    child.register_forward_pre_hook(self._enter(key)),
-                    child.register_forward_hook(self._exit(key)),
+                    child.register_forward_pre_hook(self._enter(id(child))),
+                    child.register_forward_hook(self._exit(id(child), "first child" if position == 0 else "child")),
                 ]
 
     def _now(self) -> float:
@@ -453,14 +457,17 @@ class TransformerTimer:
 
         return hook
 
-    def _exit(self, key: int, outer: bool = False) -> Callable[..., None]:
+    def _exit(self, key: int, kind: str) -> Callable[..., None]:
         def hook(*args: Any) -> None:
             elapsed = self._now() - self._started.pop(key)
-            if outer:
+            if kind == "transformer":
                 self.total += elapsed
                 self.forwards += 1
+            elif kind == "block":
+                self.blocks_total += elapsed
             else:
                 self.inside += elapsed
+                self.block_calls += kind == "first child"
 
         return hook
 
@@ -470,13 +477,20 @@ class TransformerTimer:
 
 
 def overhead_fraction(method: TransformerTimer, reference: TransformerTimer) -> float | None:
-    """Share of the method's transformer wall-clock spent outside block math and outside the model's
-    own non-block layers (embeddings, head: their per-forward time comes from the uncached run). The
-    cache's approximation math counts as overhead, so this is an upper bound."""
-    if method.total <= 0 or reference.forwards == 0:
+    """Share of the method's transformer wall-clock spent outside the work an uncached forward does.
+
+    From the uncached run (no cache hooks, so a block's timer holds only the block): the model's own
+    non-block time per forward (embeddings, head) and a block's glue per execution (its residual adds and
+    gating between its child modules, plus the timers' own cost). The method is charged its measured
+    child-module math, that glue per block it executed and the non-block time per forward; the rest of
+    its transformer wall-clock is the cache's. The cache's approximation math counts as overhead, so
+    this is an upper bound."""
+    if method.total <= 0 or reference.forwards == 0 or reference.block_calls == 0:
         return None
-    model_own = (reference.total - reference.inside) / reference.forwards
-    return (method.total - method.inside - model_own * method.forwards) / method.total
+    model_own = (reference.total - reference.blocks_total) / reference.forwards
+    glue = (reference.blocks_total - reference.inside) / reference.block_calls
+    expected = method.inside + glue * method.block_calls + model_own * method.forwards
+    return (method.total - expected) / method.total
 
 
 def fastcache_margins(rows: list[dict[str, Any]]) -> list[float | None]:

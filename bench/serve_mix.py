@@ -17,7 +17,8 @@ For each mix, on one service with ``--max-batch-size`` = the largest of ``--batc
 4. ``mixed_efficiency`` = mixed capacity / expected capacity (1.0: mixing costs nothing).
 5. **Latency per kind**: an open loop (Poisson arrivals) at ``--mix-load`` x the expected capacity,
    kinds drawn from the mix: p50/p95/p99 per kind. Each kind is then served alone at ``--mix-load`` x
-   its own capacity (the same load), and ``p99_vs_alone`` = its p99 in the mix / its p99 alone.
+   its own capacity (the same load, as many requests as the mixed run), and ``p99_vs_alone`` = its p99
+   in the mix / its p99 alone.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
     for index, kind in enumerate(kinds):
         kind.update(latency([o for o, p in zip(outcomes, picks, strict=True) if p == index]))
         alone_rate = args.mix_load * kind["capacity_images_per_s"] / images_per_request
-        alone_count = max(2, round(args.requests * kind["weight"]))
+        # as many requests as the mixed run: queues need the same time to build up at the same load
+        alone_count = args.requests
         alone_bodies, _ = bodies_for(kinds, alone_count, args, args.seed + 400 + index, only=index)
         alone, _ = asyncio.run(
             open_loop(url, alone_rate, alone_count, args, args.seed + 400 + index, bodies=alone_bodies)
