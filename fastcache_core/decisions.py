@@ -33,6 +33,7 @@ A sample whose drift fails the test refreshes sooner, by the first-order law ``h
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from statistics import NormalDist
@@ -132,6 +133,15 @@ def taylorseer_computes(step: int, warmup_steps: int, interval: int) -> bool:
     """TaylorSeer (Liu et al., 2025), as diffusers schedules it: compute the first ``warmup_steps``
     steps, then step ``warmup_steps + 1`` and every ``interval``-th step after it."""
     return step < warmup_steps or (step - warmup_steps - 1) % max(1, interval) == 0
+
+
+def teacache_rescaled_change(coefficients: Sequence[float], relative_change: float) -> float:
+    """TeaCache's rescaling of a relative input change into an estimated output change: the calibrated
+    polynomial (highest power first, numpy.polyfit order), floored at 0."""
+    value = 0.0
+    for c in coefficients:
+        value = value * relative_change + c
+    return max(0.0, value)
 
 
 def teacache_reuses_stack(accumulated: float, threshold: float) -> bool:

@@ -5,7 +5,7 @@ Per step each sample takes one mode, decided from its own state only:
 * ``compute``: its rows run the whole block stack (with token selection and merging when its
   params ask for them); the output is recorded in its history. For FastCache samples the forecast
   that would have been used is compared with the real output first, which sets the next horizon
-  (``decisions.fastcache_next_horizon``: the only device-to-host read of a compute step);
+  (``decisions.fastcache_gap``; with the guard on, the only device-to-host read of a compute step);
 * ``forecast`` (FastCache, TaylorSeer): the stack output is extrapolated from the history;
 * ``reuse`` (TeaCache): the last computed residual is added to the current input;
 * ``first_block`` (First-Block-Cache): block 0 runs; the tail is reused when block 0's residual
@@ -32,6 +32,7 @@ from fastcache_core.decisions import (
     fbcache_reuses_tail,
     settled_horizon,
     taylorseer_computes,
+    teacache_rescaled_change,
     teacache_reuses_stack,
 )
 from fastcache_core.forecast import StackHistory, projected_error
@@ -216,20 +217,13 @@ class StackRunner:
         pool = self.pool
         first_pool = pool.get("fbcache.first", tuple(residual.shape[1:]), residual.dtype, residual.device)
         tail_pool = pool.get("fbcache.tail", tuple(residual.shape[1:]), residual.dtype, residual.device)
-        previous = gather_rows(first_pool, row_slots, None)
-        values = (
-            torch.stack([(residual - previous).abs().flatten(1).sum(1), previous.abs().flatten(1).sum(1)])
-            .float()
-            .tolist()
-        )
+        changes = self._relative_changes(step, members, rows, residual, gather_rows(first_pool, row_slots, None))
         local = {r: i for i, r in enumerate(rows)}
         reuse_rows: list[int] = []
         for k in members:
             sample = step.samples[k]
-            mine = [local[r] for r in step.sample_rows[k]]
-            change = sum(values[0][i] for i in mine) / max(sum(values[1][i] for i in mine), 1e-12)
-            if sample.refresh.computes > 0 and fbcache_reuses_tail(change, sample.params.tolerance):
-                reuse_rows.extend(mine)
+            if sample.refresh.computes > 0 and fbcache_reuses_tail(changes[k], sample.params.tolerance):
+                reuse_rows.extend(local[r] for r in step.sample_rows[k])
         compute_rows = [i for i in range(len(rows)) if i not in set(reuse_rows)]
         y = torch.empty_like(first)
         if reuse_rows:
@@ -288,31 +282,41 @@ class StackRunner:
         modulated = adapter.modulated_input(self.blocks[0], adapter.select_rows(call, index), self._take(image, index))
         pool = self.pool.get("teacache.previous", tuple(modulated.shape[1:]), modulated.dtype, modulated.device)
         row_slots = self._take(slots, index)
-        previous = gather_rows(pool, row_slots, None)
-        values = (
-            torch.stack([(modulated - previous).abs().flatten(1).sum(1), previous.abs().flatten(1).sum(1)])
-            .float()
-            .tolist()
-        )
+        changes = self._relative_changes(step, members, rows, modulated, gather_rows(pool, row_slots, None))
         write_rows(pool, row_slots, None, modulated)
         coefficients = self.profile.metadata.get("teacache_coefficients", [1.0, 0.0])
-        local = {r: i for i, r in enumerate(rows)}
         for k in members:
             sample = step.samples[k]
-            mine = [local[r] for r in step.sample_rows[k]]
-            change = sum(values[0][i] for i in mine) / max(sum(values[1][i] for i in mine), 1e-12)
             if sample.refresh.computes == 0:
                 sample.teacache_accumulated = 0.0
                 modes[k] = COMPUTE
                 continue
-            sample.teacache_accumulated += max(0.0, _polyval(coefficients, change))
+            sample.teacache_accumulated += teacache_rescaled_change(coefficients, changes[k])
             if teacache_reuses_stack(sample.teacache_accumulated, sample.params.tolerance):
                 modes[k] = REUSE
                 sample.stats.blocks_approximated += len(self.blocks)
-                sample.stats.macs_computed += image.shape[1] * image.shape[2] * len(mine)
+                sample.stats.macs_computed += image.shape[1] * image.shape[2] * len(step.sample_rows[k])
             else:
                 sample.teacache_accumulated = 0.0
                 modes[k] = COMPUTE
+
+    @staticmethod
+    def _relative_changes(
+        step: StepContext, members: list[int], rows: list[int], current: torch.Tensor, previous: torch.Tensor
+    ) -> dict[int, float]:
+        """Per sample, the relative L1 change ``sum |current - previous| / sum |previous|`` over its rows
+        (``rows`` are the batch rows of ``current``), with one device-to-host read for the whole batch."""
+        sums = (
+            torch.stack([(current - previous).abs().flatten(1).sum(1), previous.abs().flatten(1).sum(1)])
+            .float()
+            .tolist()
+        )
+        local = {r: i for i, r in enumerate(rows)}
+        changes = {}
+        for k in members:
+            mine = [local[r] for r in step.sample_rows[k]]
+            changes[k] = sum(sums[0][i] for i in mine) / max(sum(sums[1][i] for i in mine), 1e-12)
+        return changes
 
     # ------------------------------------------------------------------ after a real compute
 
@@ -612,11 +616,3 @@ class StackRunner:
 def _keeps_inputs(sample: SampleState) -> bool:
     """Whether a sample's real computes must store the stack input (residual reuse, token saliency)."""
     return sample.params.method == "teacache" or sample.uses_token_selection
-
-
-def _polyval(coefficients: Sequence[float], x: float) -> float:
-    """Evaluate a polynomial given highest power first (numpy.polyfit order)."""
-    value = 0.0
-    for c in coefficients:
-        value = value * x + c
-    return value
