@@ -177,6 +177,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--mix-load", type=float, default=0.8, help="--mix: latency is measured at this fraction of the capacity"
     )
+    parser.add_argument(
+        "--mix-repeats",
+        type=int,
+        default=3,
+        help="--mix: rounds of (each kind alone, then the mix); the round with the median efficiency is reported",
+    )
+    parser.add_argument(
+        "--mix-latency-requests",
+        type=int,
+        default=None,
+        help="--mix: requests of each latency run (the mix, and each kind alone); default 2 x --requests",
+    )
     args = parser.parse_args(argv)
     if args.mix is not None:
         args.mix = [m.strip() for m in args.mix.split(",") if m.strip()]
@@ -194,6 +206,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--mix-sizes takes two sizes in pixels, e.g. 32,48")
     if not 0 < args.mix_load <= 2:
         parser.error("--mix-load must be in (0, 2]")
+    if args.mix_repeats < 1 or (args.mix_latency_requests is not None and args.mix_latency_requests < 1):
+        parser.error("--mix-repeats and --mix-latency-requests must be >= 1")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error("--batch-sizes needs positive integers")

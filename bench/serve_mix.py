@@ -7,18 +7,25 @@ Mixes (``--mix``, a comma list; default all three). Each is a set of request *ki
 * ``steps``: 80% at the model's default steps (50 for the bundled model, or ``--steps``), 20% at half.
 * ``cache``: the five cache settings of ``--mixed-cache``, 20% each.
 
+Requests are drawn from a mix in its exact proportions (largest remainder, then shuffled with a
+seed): a random draw would let the share of a costly kind, and with it the measured capacity, drift.
+
 For each mix, on one service with ``--max-batch-size`` = the largest of ``--batch-sizes``:
 
 1. **Homogeneous capacity** of each kind: a closed loop keeping ``2 x max batch size`` requests
    outstanding, ``--requests`` requests of that kind only; capacity = images / (last response - start).
 2. **Expected mixed capacity**: the harmonic mean of those capacities weighted by the mix,
    ``1 / sum_k(w_k / C_k)`` - what serving the kinds one after the other would achieve.
-3. **Mixed capacity**: the same closed loop, each request drawn from the mix (seeded).
+3. **Mixed capacity**: the same closed loop, the requests drawn from the mix.
 4. ``mixed_efficiency`` = mixed capacity / expected capacity (1.0: mixing costs nothing).
-5. **Latency per kind**: an open loop (Poisson arrivals) at ``--mix-load`` x the expected capacity,
-   kinds drawn from the mix: p50/p95/p99 per kind. Each kind is then served alone at ``--mix-load`` x
+   Steps 1-4 form a *round*; ``--mix-repeats`` rounds run one after the other and the round with the
+   median efficiency is reported (every round is in ``rounds``): a shared CPU's speed drifts by tens of
+   percent over minutes, and a round keeps the runs it compares a minute apart.
+5. **Latency per kind**: an open loop (Poisson arrivals) at ``--mix-load`` x the measured mixed
+   capacity, kinds drawn from the mix: p50/p95/p99 per kind. Each kind is then served alone at ``--mix-load`` x
    its own capacity (the same load, as many requests as the mixed run), and ``p99_vs_alone`` = its p99
-   in the mix / its p99 alone.
+   in the mix / its p99 alone. Latency uses ``--mix-latency-requests`` requests (default 2 x
+   ``--requests``): the rarer kind of an 80/20 mix needs enough requests for a p99.
 """
 
 from __future__ import annotations
@@ -85,15 +92,24 @@ def mix_kinds(mix: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     raise ValueError(f"unknown mix {mix!r}; choose from {', '.join(MIXES)}")
 
 
+def mix_picks(weights: list[float], count: int, rng: random.Random) -> list[int]:
+    """``count`` kind indexes in the mix's exact proportions (largest remainder), shuffled."""
+    quotas = [w * count / sum(weights) for w in weights]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: count - sum(counts)]:
+        counts[i] += 1
+    picks = [i for i, n in enumerate(counts) for _ in range(n)]
+    rng.shuffle(picks)
+    return picks
+
+
 def bodies_for(
     kinds: list[dict[str, Any]], count: int, args: argparse.Namespace, seed: int, only: int | None = None
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """``count`` request bodies (kind ``only``, or drawn from the mix with its weights) and their kind indexes."""
+    """``count`` request bodies (kind ``only``, or the mix in its proportions) and their kind indexes."""
     rng = random.Random(seed)
-    picks = [
-        only if only is not None else rng.choices(range(len(kinds)), [k["weight"] for k in kinds])[0]
-        for _ in range(count)
-    ]
+    picks = [only] * count if only is not None else mix_picks([k["weight"] for k in kinds], count, rng)
     bodies = []
     for i, pick in enumerate(picks):
         body = request_body(i, args, rng)
@@ -153,27 +169,54 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
         outcomes, _ = asyncio.run(closed_loop(url, warm, 1, args.timeout))
         if outcomes[0].status != 200:
             raise RuntimeError(f"{mix}/{kind['kind']}: warm-up failed ({outcomes[0].status}): {outcomes[0].error}")
-    for index, kind in enumerate(kinds):
-        bodies, _ = bodies_for(kinds, args.requests, args, args.seed + 100 + index, only=index)
+    rounds = []
+    for round_index in range(args.mix_repeats):
+        seed = args.seed + 1000 * round_index
+        capacities = []
+        for index, kind in enumerate(kinds):
+            bodies, _ = bodies_for(kinds, args.requests, args, seed + 100 + index, only=index)
+            outcomes, start = asyncio.run(closed_loop(url, bodies, concurrency, args.timeout))
+            capacities.append(clean_number(capacity(outcomes, start), 4))
+            progress(f"{mix} round {round_index + 1}: {kind['kind']} alone: {capacities[-1]} img/s")
+        expected = (
+            1.0 / sum(k["weight"] / c for k, c in zip(kinds, capacities, strict=True)) if all(capacities) else 0.0
+        )
+        bodies, _ = bodies_for(kinds, args.requests, args, seed + 200)
         outcomes, start = asyncio.run(closed_loop(url, bodies, concurrency, args.timeout))
-        kind["capacity_images_per_s"] = clean_number(capacity(outcomes, start), 4)
-        progress(f"{mix}: {kind['kind']} alone: {kind['capacity_images_per_s']} img/s")
-    capacities = [k["capacity_images_per_s"] for k in kinds]
-    expected = 1.0 / sum(k["weight"] / c for k, c in zip(kinds, capacities, strict=True)) if all(capacities) else 0.0
-    bodies, _ = bodies_for(kinds, args.requests, args, args.seed + 200)
-    outcomes, start = asyncio.run(closed_loop(url, bodies, concurrency, args.timeout))
-    mixed = capacity(outcomes, start)
-    efficiency = mixed / expected if expected > 0 else None
-    progress(f"{mix}: mixed {mixed:.3f} img/s, expected {expected:.3f} -> mixed_efficiency {fmt(efficiency, 3)}")
-    # latency at the same load: the mix at load x expected capacity, each kind alone at load x its capacity
-    rate = args.mix_load * expected / images_per_request
-    bodies, picks = bodies_for(kinds, args.requests, args, args.seed + 300)
-    outcomes, _ = asyncio.run(open_loop(url, rate, args.requests, args, args.seed + 300, bodies=bodies))
+        mixed = capacity(outcomes, start)
+        efficiency = mixed / expected if expected > 0 else None
+        progress(
+            f"{mix} round {round_index + 1}: mixed {mixed:.3f} img/s, expected {expected:.3f} "
+            f"-> mixed_efficiency {fmt(efficiency, 3)}"
+        )
+        rounds.append(
+            {
+                "capacities_images_per_s": capacities,
+                "expected_capacity_images_per_s": clean_number(expected, 4),
+                "mixed_capacity_images_per_s": clean_number(mixed, 4),
+                "mixed_efficiency": clean_number(efficiency, 4),
+            }
+        )
+    ranked = sorted(rounds, key=lambda r: r["mixed_efficiency"] if r["mixed_efficiency"] is not None else -1.0)
+    reported = ranked[(len(ranked) - 1) // 2]  # the median round (the lower one of an even count)
+    for kind, value in zip(kinds, reported["capacities_images_per_s"], strict=True):
+        kind["capacity_images_per_s"] = value
+    expected = reported["expected_capacity_images_per_s"] or 0.0
+    mixed, efficiency = reported["mixed_capacity_images_per_s"] or 0.0, reported["mixed_efficiency"]
+    if mixed <= 0:
+        raise RuntimeError(f"{mix}: the mixed run completed no request (see the service logs)")
+    # latency at the same load (utilization): the mix at load x its measured capacity, each kind alone at
+    # load x its own capacity. Loading the mix by its expected capacity would run it hotter than the kinds
+    # alone whenever mixing costs throughput, which mixed_efficiency already reports.
+    rate = args.mix_load * mixed / images_per_request
+    latency_requests = args.mix_latency_requests or 2 * args.requests
+    bodies, picks = bodies_for(kinds, latency_requests, args, args.seed + 300)
+    outcomes, _ = asyncio.run(open_loop(url, rate, latency_requests, args, args.seed + 300, bodies=bodies))
     for index, kind in enumerate(kinds):
         kind.update(latency([o for o, p in zip(outcomes, picks, strict=True) if p == index]))
         alone_rate = args.mix_load * kind["capacity_images_per_s"] / images_per_request
         # as many requests as the mixed run: queues need the same time to build up at the same load
-        alone_count = args.requests
+        alone_count = latency_requests
         alone_bodies, _ = bodies_for(kinds, alone_count, args, args.seed + 400 + index, only=index)
         alone, _ = asyncio.run(
             open_loop(url, alone_rate, alone_count, args, args.seed + 400 + index, bodies=alone_bodies)
@@ -190,7 +233,9 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
         "mixed_efficiency": clean_number(efficiency, 4),
         "expected_capacity_images_per_s": clean_number(expected, 4),
         "mixed_capacity_images_per_s": clean_number(mixed, 4),
+        "rounds": rounds,
         "load_factor": args.mix_load,
+        "latency_requests": latency_requests,
         "mixed_rate_rps": clean_number(rate, 4),
         "failed": sum(1 for o in outcomes if o.status != 200),
         "kinds": kinds,
@@ -218,11 +263,13 @@ def print_mix(result: dict[str, Any]) -> None:
             ],
         )
     )
+    rounds = ", ".join(fmt(r["mixed_efficiency"], 3) for r in result["rounds"])
     print(
         f"\nmixed_efficiency {fmt(result['mixed_efficiency'], 3)}: measured "
         f"{fmt(result['mixed_capacity_images_per_s'], 3)} img/s / expected "
-        f"{fmt(result['expected_capacity_images_per_s'], 3)} img/s (weighted harmonic mean of the kinds alone); "
-        f"latency at {result['load_factor']:g}x capacity"
+        f"{fmt(result['expected_capacity_images_per_s'], 3)} img/s (weighted harmonic mean of the kinds alone), "
+        f"the median of {len(result['rounds'])} rounds ({rounds}); "
+        f"latency at {result['load_factor']:g}x capacity, {result['latency_requests']} requests"
     )
 
 
@@ -235,7 +282,8 @@ def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[st
     print(
         f"# bench.serve --mix\n\nmachine: {machine_description(device, args.threads)}  \n"
         f"command: `{command_line('bench.serve', argv)}`  \nmodel: {args.model}; max batch size {max_batch_size}; "
-        f"{args.requests} requests per measurement; latency at {args.mix_load:g}x capacity\n",
+        f"{args.requests} requests per capacity measurement, {args.mix_repeats} rounds; latency at "
+        f"{args.mix_load:g}x capacity, {args.mix_latency_requests or 2 * args.requests} requests per run\n",
         flush=True,
     )
     started = time.time()
@@ -261,6 +309,8 @@ def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[st
         "settings": {
             "model": str(args.model),
             "requests_per_measurement": args.requests,
+            "latency_requests": args.mix_latency_requests or 2 * args.requests,
+            "repeats": args.mix_repeats,
             "images_per_request": args.n,
             "steps": args.steps,
             "load_factor": args.mix_load,

@@ -12,8 +12,11 @@ Per step each sample takes one mode, decided from its own state only:
   barely changed, else it runs too.
 
 All rows in compute mode share one call of each block (one call per token-count group when token
-selection is on); a batch whose rows all compute runs the blocks on the batch itself, with no
-gather or scatter. Index tensors are cached by batch composition, so steady batches build none.
+selection is on), and share it with First-Block-Cache rows too: block 0 runs once over both, the tail
+once over the compute rows and the First-Block-Cache rows that need it. Block calls have a fixed cost,
+so a mixed batch pays it once per block, like a homogeneous one. A batch whose rows all compute runs
+the blocks on the batch itself, with no gather or scatter. Index tensors are cached by batch
+composition, so steady batches build none.
 """
 
 from __future__ import annotations
@@ -110,17 +113,21 @@ class StackRunner:
             mode: [r for k, rows in enumerate(step.sample_rows) if modes[k] == mode for r in rows]
             for mode in (COMPUTE, FORECAST, REUSE, FIRST_BLOCK)
         }
+        members_of = {mode: [k for k, m in enumerate(modes) if m == mode] for mode in (COMPUTE, FIRST_BLOCK)}
+        # plain computes share First-Block-Cache's block calls: each block runs once per step, not twice
+        sharing = bool(rows_of[FIRST_BLOCK]) and not any(
+            step.samples[k].uses_token_selection and step.samples[k].refresh.computes > 0 for k in members_of[COMPUTE]
+        )
         parts: list[_Part] = []
         if rows_of[FORECAST]:
             parts.append(self._forecast(step, rows_of[FORECAST], image, text, slots))
         if rows_of[REUSE]:
             parts.append(self._residual_reuse(rows_of[REUSE], image, text, slots))
-        if rows_of[COMPUTE]:
-            members = [k for k, mode in enumerate(modes) if mode == COMPUTE]
-            parts.append(self._compute(step, call, members, rows_of[COMPUTE], image, text, slots))
+        if rows_of[COMPUTE] and not sharing:
+            parts.append(self._compute(step, call, members_of[COMPUTE], rows_of[COMPUTE], image, text, slots))
         if rows_of[FIRST_BLOCK]:
-            members = [k for k, mode in enumerate(modes) if mode == FIRST_BLOCK]
-            parts.append(self._first_block(step, call, members, rows_of[FIRST_BLOCK], image, text, slots))
+            computing = members_of[COMPUTE] if sharing else []
+            parts.append(self._first_block(step, call, members_of[FIRST_BLOCK], computing, image, text, slots))
         self._count_full_cost(step, image, text)
         out_image, out_text = self._assemble(parts, image, text)
         self._measure_call = None
@@ -188,43 +195,56 @@ class StackRunner:
             y, y_text = self._blocks(call, index, x, x_text, None, 0)
             computed_tokens = {k: x.shape[1] for k in members}
         self._after_compute(step, members, rows, index, row_slots, x, y)
-        tokens = image.shape[1]
+        self._count_computes(step, members, computed_tokens, image.shape[1])
+        return _Part(rows, y, y_text, text_known=y_text is not None or text is None)
+
+    def _count_computes(
+        self, step: StepContext, members: list[int], computed_tokens: dict[int, int], tokens: int
+    ) -> None:
         for k in members:
             sample = step.samples[k]
-            n_rows = len(step.sample_rows[k])
             sample.stats.blocks_computed += len(self.blocks)
             sample.stats.tokens_computed += computed_tokens[k]
             sample.stats.tokens_total += tokens
-            sample.stats.macs_computed += self._stack_macs(computed_tokens[k]) * n_rows
-        return _Part(rows, y, y_text, text_known=y_text is not None or text is None)
+            sample.stats.macs_computed += self._stack_macs(computed_tokens[k]) * len(step.sample_rows[k])
 
     def _first_block(
         self,
         step: StepContext,
         call: dict[str, Any],
         members: list[int],
-        rows: list[int],
+        computing: list[int],
         image: torch.Tensor,
         text: torch.Tensor | None,
         slots: torch.Tensor,
     ) -> _Part:
-        """First-Block-Cache per sample: block 0 runs, the tail is reused while its residual holds still."""
+        """First-Block-Cache per sample: block 0 runs, the tail is reused while its residual holds still.
+
+        ``computing`` samples (plain computes) ride along: block 0 runs once over their rows and the
+        First-Block-Cache rows, the tail once over theirs and the First-Block-Cache rows that need it.
+        """
+        both = sorted(members + computing)
+        rows = [r for k in both for r in step.sample_rows[k]]
+        local = {r: i for i, r in enumerate(rows)}
+        fb_rows = [r for k in members for r in step.sample_rows[k]]
+        fb_sub = self._subset([local[r] for r in fb_rows], len(rows), image.device)
         index = self._rows_index(rows, image)
         row_slots = self._take(slots, index)
         x, x_text = self._take(image, index), self._take(text, index)
         first, first_text = self._blocks(call, index, x, x_text, None, 0, stop=1)
-        residual = first - x
+        residual = self._take(first, fb_sub) - self._take(x, fb_sub)
+        fb_slots = self._take(row_slots, fb_sub)
         pool = self.pool
         first_pool = pool.get("fbcache.first", tuple(residual.shape[1:]), residual.dtype, residual.device)
         tail_pool = pool.get("fbcache.tail", tuple(residual.shape[1:]), residual.dtype, residual.device)
-        changes = self._relative_changes(step, members, rows, residual, gather_rows(first_pool, row_slots, None))
-        local = {r: i for i, r in enumerate(rows)}
-        reuse_rows: list[int] = []
+        changes = self._relative_changes(step, members, fb_rows, residual, gather_rows(first_pool, fb_slots, None))
+        reused: set[int] = set()
         for k in members:
             sample = step.samples[k]
             if sample.refresh.computes > 0 and fbcache_reuses_tail(changes[k], sample.params.tolerance):
-                reuse_rows.extend(local[r] for r in step.sample_rows[k])
-        compute_rows = [i for i in range(len(rows)) if i not in set(reuse_rows)]
+                reused.update(local[r] for r in step.sample_rows[k])
+        reuse_rows = sorted(reused)
+        tail_rows = [i for i in range(len(rows)) if i not in reused]
         y = torch.empty_like(first)
         if reuse_rows:
             sub = self._tensor(tuple(reuse_rows), x.device, torch.long)
@@ -232,8 +252,8 @@ class StackRunner:
                 0, sub, first.index_select(0, sub) + gather_rows(tail_pool, row_slots.index_select(0, sub), None)
             )
         y_text = first_text
-        if compute_rows:
-            sub = self._tensor(tuple(compute_rows), x.device, torch.long)
+        if tail_rows:
+            sub = self._tensor(tuple(tail_rows), x.device, torch.long)
             batch_sub = sub if index is None else index.index_select(0, sub)
             tail, tail_text = self._blocks(
                 call,
@@ -249,12 +269,32 @@ class StackRunner:
                 y_text.index_copy_(0, sub, tail_text)
             elif tail_text is None:
                 y_text = None
-            sub_slots = row_slots.index_select(0, sub)
-            write_rows(tail_pool, sub_slots, None, tail - first.index_select(0, sub))
-            write_rows(first_pool, sub_slots, None, residual.index_select(0, sub))
+            fb_set = {local[r] for r in fb_rows}
+            refreshed = [j for j, i in enumerate(tail_rows) if i in fb_set]
+            if refreshed:
+                picked = self._tensor(tuple(refreshed), x.device, torch.long)
+                fresh = sub.index_select(0, picked)
+                fresh_slots = row_slots.index_select(0, fresh)
+                fresh_first = first.index_select(0, fresh)
+                write_rows(tail_pool, fresh_slots, None, tail.index_select(0, picked) - fresh_first)
+                write_rows(first_pool, fresh_slots, None, fresh_first - x.index_select(0, fresh))
+        if computing:
+            c_local = [local[r] for k in computing for r in step.sample_rows[k]]
+            c_sub = self._tensor(tuple(c_local), x.device, torch.long)
+            c_rows = [rows[i] for i in c_local]
+            c_index = self._tensor(tuple(c_rows), x.device, torch.long)
+            self._after_compute(
+                step,
+                computing,
+                c_rows,
+                c_index,
+                row_slots.index_select(0, c_sub),
+                x.index_select(0, c_sub),
+                y.index_select(0, c_sub),
+            )
+            self._count_computes(step, computing, {k: image.shape[1] for k in computing}, image.shape[1])
         first_macs = self._stack_macs(image.shape[1], stop=1)
         full_macs = self._stack_macs(image.shape[1])
-        reused = set(reuse_rows)
         for k in members:
             sample = step.samples[k]
             mine = [local[r] for r in step.sample_rows[k]]
@@ -554,9 +594,13 @@ class StackRunner:
 
     def _rows_index(self, rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
         """Index of ``rows`` in the batch, or ``None`` when they are the whole batch in order."""
-        if len(rows) == like.shape[0] and rows == list(range(like.shape[0])):
+        return self._subset(rows, like.shape[0], like.device)
+
+    def _subset(self, positions: list[int], size: int, device: torch.device) -> torch.Tensor | None:
+        """Index of ``positions`` among ``size`` rows, or ``None`` when they are all of them in order."""
+        if len(positions) == size and positions == list(range(size)):
             return None
-        return self._tensor(tuple(rows), like.device, torch.long)
+        return self._tensor(tuple(positions), device, torch.long)
 
     def _row_times(self, step: StepContext, batch_rows: list[int], like: torch.Tensor) -> torch.Tensor:
         """Normalized times of some batch rows."""

@@ -216,6 +216,8 @@ MIX_KEYS = {
     "mixed_rate_rps",
     "failed",
     "kinds",
+    "rounds",
+    "latency_requests",
 }
 KIND_KEYS = {
     "kind",
@@ -248,6 +250,10 @@ def test_bench_serve_mix_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
             "4",
             "--requests",
             "5",
+            "--mix-repeats",
+            "2",
+            "--mix-latency-requests",
+            "5",
             "--steps",
             "2",
             "--ready-timeout",
@@ -264,14 +270,15 @@ def test_bench_serve_mix_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     for mix in data["mixes"]:
         assert set(mix) == MIX_KEYS, mix
         assert mix["mixed_efficiency"] == data["mixed_efficiency"][mix["mix"]]
+        assert len(mix["rounds"]) == 2 and mix["mixed_efficiency"] in [r["mixed_efficiency"] for r in mix["rounds"]]
         assert math.isclose(sum(k["weight"] for k in mix["kinds"]), 1.0)
         assert mix["failed"] == 0
         for kind in mix["kinds"]:
             assert set(kind) == KIND_KEYS, kind
             assert finite(kind["capacity_images_per_s"]) and kind["capacity_images_per_s"] > 0
-            if kind["completed"]:  # a rare kind may draw no request in a 5-request smoke run
-                assert kind["latency_p50_s"] <= kind["latency_p95_s"] <= kind["latency_p99_s"]
-                assert finite(kind["p99_vs_alone"])
+            assert kind["completed"] >= 1  # exact proportions: 5 requests hold every kind of a mix
+            assert kind["latency_p50_s"] <= kind["latency_p95_s"] <= kind["latency_p99_s"]
+            assert finite(kind["p99_vs_alone"])
             assert kind["alone_latency_p50_s"] <= kind["alone_latency_p99_s"]
     kinds = {m["mix"]: [k["kind"] for k in m["kinds"]] for m in data["mixes"]}
     assert kinds["resolutions"] == ["16x16", "24x24"] and kinds["steps"] == ["steps2", "steps1"]
@@ -281,7 +288,20 @@ def test_bench_serve_mix_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
     assert printed.count("mixed_efficiency") == 3 and "| kind | weight |" in printed
 
 
-@pytest.mark.parametrize("argv", [["--mix", "nope"], ["--mix", "--mixed-cache"], ["--mix-sizes", "32"]])
+def test_bench_serve_mix_draws_each_kind_in_its_exact_proportion():
+    import random
+
+    from bench.serve_mix import mix_picks
+
+    picks = mix_picks([0.8, 0.2], 64, random.Random(0))
+    assert len(picks) == 64 and picks.count(1) == 13  # 12.8 rounds to 13
+    assert picks != sorted(picks)  # shuffled, not in blocks
+    assert [mix_picks([0.2] * 5, 7, random.Random(1)).count(k) for k in range(5)] == [2, 2, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "argv", [["--mix", "nope"], ["--mix", "--mixed-cache"], ["--mix-sizes", "32"], ["--mix", "--mix-repeats", "0"]]
+)
 def test_bench_serve_rejects_bad_mix_flags(argv):
     from bench import serve
 

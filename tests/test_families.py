@@ -60,3 +60,35 @@ def test_token_selection_and_merging_run_and_report_fewer_tokens(family_pipe):
     for s in stats:
         assert s.tokens_computed_fraction < 1.0
         assert s.macs_computed < s.macs_full
+
+
+def denoise_with_runner(pipe, family, settings, steps=6):
+    """Final latents of one sample per (cache params, seed), denoised together in the service's batched loop."""
+    from service.engine.families import GenerationSpec, runner_for
+
+    runner = runner_for(pipe, torch.device("cpu"), pipe.transformer.dtype)
+    cache = apply_fastcache(pipe.transformer, FastCacheConfig())
+    prompt = "3" if family == "dit" else "a red cat"
+    samples = []
+    try:
+        for i, (params, seed) in enumerate(settings):
+            spec = GenerationSpec(prompt, None, steps, 2.0, seed, 32, 32, params)
+            cache.add_sample(i, params, steps)
+            samples.append(runner.prepare(i, spec))
+        while not all(s.done for s in samples):
+            active = [s for s in samples if not s.done]
+            for sample, output in zip(active, runner.forward(active, cache), strict=True):
+                runner.step(sample, output)
+        return [s.latents for s in samples]
+    finally:
+        cache.remove()
+
+
+def test_first_block_cache_sharing_block_calls_with_uncached_samples_equals_its_solo_run(family_pipe):
+    family, pipe = family_pipe
+    uncached, fbcache = (CacheParams(method="none"), 1), (CacheParams(method="fbcache", tolerance=0.5), 2)
+    batched = denoise_with_runner(pipe, family, [uncached, fbcache, (CacheParams(method="none"), 3)])
+    (solo_fb,) = denoise_with_runner(pipe, family, [fbcache])
+    (solo_uncached,) = denoise_with_runner(pipe, family, [uncached])
+    torch.testing.assert_close(batched[1], solo_fb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched[0], solo_uncached, rtol=1e-4, atol=1e-5)

@@ -115,6 +115,21 @@ def test_every_running_image_advances_once_per_round_and_capacity_holds():
     assert set(sim.steps.values()) == {10}
 
 
+def test_slots_freed_mid_round_are_filled_at_the_next_round_so_joiners_start_in_phase():
+    sim = Simulation(max_batch_size=2)
+    sim.submit(job("a1", "A", steps=1))
+    sim.submit(job("b1", "B", steps=3))
+    sim.submit(job("a2", "A"))
+    sim.submit(job("b2", "B"))
+    sim.boundary_step()  # a round of A then B starts; A's step finishes a1 and frees a slot
+    assert sim.finished_at["a1"] == 0 and sim.scheduler.free_slots == 0
+    sim.boundary_step()  # B's turn, same round: the free slot stays empty
+    assert "a2" not in sim.admitted_at and sim.steps["b1"] == 1
+    sim.boundary_step()  # the next round: a2 joins (and steps in this round, after B)
+    sim.boundary_step()
+    assert sim.admitted_at["a2"] == 2 and sim.steps["a2"] == 1 and sim.steps["b1"] == 2
+
+
 def test_admission_is_in_arrival_order_without_overtaking_across_keys():
     scheduler = Scheduler(max_batch_size=4, max_queue=8)
     running = job("running", "A", n=2)

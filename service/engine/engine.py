@@ -3,7 +3,8 @@
 The engine is split by role, the way vLLM splits engine, scheduler and worker:
 
 * ``scheduler.Scheduler`` - the policy: which waiting jobs join (admission) and which running batch
-  steps next (one batch per compatibility key, round-robin). Read its docstring for the fairness bound.
+  steps next (one batch per compatibility key, one step each per round). Its docstring has the
+  fairness bound.
 * ``step_runner.StepRunner`` - the model work: preparing a job, one batched denoising step, decoding,
   each isolated per job.
 * ``outputs.OutputProcessor`` - encoding images and delivering results, on its own thread.
@@ -11,7 +12,7 @@ The engine is split by role, the way vLLM splits engine, scheduler and worker:
   (``submit``, ``cancel``, ``shutdown``) the queues use.
 
 One thread owns the model. At every step boundary it drops cancelled and expired jobs, admits
-waiting jobs, runs one transformer forward for the group whose turn it is (each image at its own
+waiting jobs when a round starts, runs one transformer forward for the group whose turn it is (each image at its own
 timestep, with its own scheduler, seed, guidance scale and cache settings) and hands finished jobs to
 the output processor. FastCache decides per image, so an image does not depend on who shares its batch.
 """

@@ -7,19 +7,26 @@ Images can share one transformer forward only when they have the same *compatibi
 batch per key** (a *group*) and at most ``max_batch_size`` images in flight over all groups together.
 It makes two decisions at every step boundary, and nothing else in the engine makes them:
 
-1. **Admission.** Waiting jobs join in arrival order while their images fit in the free capacity,
-   whatever their key: a job joins the group of its key, or opens a new group. The first job that
-   does not fit stops admission (no overtaking), so a large request is never starved by a stream of
-   small ones. Keys never block admission: a job never waits behind a job of another key.
-2. **Stepping.** Groups take turns, round-robin. A *round* gives every running group one denoising
-   step, so every image in flight advances exactly one step per round, whichever group it is in:
-   the same progress it would make in one big batch. A round runs one forward per group over at most
-   ``max_batch_size`` images in total. A new group takes its first turn at the end of the current round.
+1. **Admission.** At the start of each round, waiting jobs join in arrival order while their images
+   fit in the free capacity, whatever their key: a job joins the group of its key, or opens a new
+   group. The first job that does not fit stops admission (no overtaking), so a large request is never
+   starved by a stream of small ones. Keys never block admission: a job never waits behind a job of
+   another key.
+2. **Stepping.** Groups take turns. A *round* gives every running group one denoising step, so every
+   image in flight advances exactly one step per round, whichever group it is in: the same progress it
+   would make in one big batch. A round runs one forward per group over at most ``max_batch_size``
+   images in total.
+
+Why admission waits for the round to end: the images that join together then start their first step
+in the same round and stay in phase. Per-sample caches refresh on a schedule counted from each
+image's own first step (FastCache's refresh every few steps), so images in phase refresh in the same
+forward: one block call for all of them, where images a step apart would each pay their own. Slots
+freed mid-round stay empty for the rest of the round (at most one forward per other group).
 
 Fairness bound (holds however the traffic mixes keys)
 -----------------------------------------------------
 * Once running, a job of ``S`` steps finishes after exactly ``S`` rounds.
-* Once at the head of the waiting queue, a job is admitted after at most ``R`` rounds, where ``R``
+* Once at the head of the waiting queue, a job is admitted within at most ``R`` rounds, where ``R``
   is the largest number of steps left to any job in flight when it reached the head: every round
   frees the images of the jobs that finish, and no later job is admitted before it. So the head of
   the queue waits at most **one full generation of the longest job already running**.
@@ -42,7 +49,7 @@ from service.engine.job import Job, QueueFull
 
 
 class Scheduler:
-    """Waiting queue, running groups (one per compatibility key) and the round-robin turn order."""
+    """Waiting queue, running groups (one per compatibility key) and the rounds in which they step."""
 
     def __init__(self, max_batch_size: int, max_queue: int) -> None:
         if max_batch_size < 1:
@@ -51,7 +58,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
         self._groups: dict[Hashable, list[Job]] = {}
-        self._turns: deque[Hashable] = deque()  # keys in the order they step; the next one first
+        self._turns: list[Hashable] = []  # keys in the order they step within a round
+        self._round: deque[Hashable] = deque()  # keys still to step in the current round
 
     # ------------------------------------------------------------------ state
 
@@ -91,13 +99,21 @@ class Scheduler:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
         self.waiting.append(job)
 
+    @property
+    def mid_round(self) -> bool:
+        """Whether some running group has yet to take its step of the current round."""
+        return any(self._groups.get(key) for key in self._round)
+
     def admit(self) -> tuple[list[Job], list[Job]]:
         """Admission at a step boundary: (jobs that join their group now, jobs that can never fit).
 
-        Arrival order, no overtaking: the first job whose images do not fit stops admission.
+        Only at the start of a round (nothing joins mid-round). Arrival order, no overtaking: the first
+        job whose images do not fit stops admission.
         """
         admitted: list[Job] = []
         oversized: list[Job] = []
+        if self.mid_round:
+            return admitted, oversized
         used = self.images_running
         while self.waiting:
             job = self.waiting[0]
@@ -110,20 +126,20 @@ class Scheduler:
             used += job.n
             if job.key not in self._groups:
                 self._groups[job.key] = []
-                self._turns.append(job.key)  # its first turn comes at the end of the current round
+                self._turns.append(job.key)
             self._groups[job.key].append(job)
             admitted.append(job)
         return admitted, oversized
 
     def next_group(self) -> list[Job]:
-        """The jobs of the group whose turn it is (empty when nothing runs); the turn passes on."""
-        while self._turns:
-            key = self._turns[0]
-            self._turns.rotate(-1)
-            jobs = self._groups.get(key)
+        """The jobs of the group whose turn it is (empty when nothing runs); a round starts when the
+        previous one is over, with every running group in turn order."""
+        if not self.mid_round:
+            self._round = deque(key for key in self._turns if self._groups.get(key))
+        while self._round:
+            jobs = self._groups.get(self._round.popleft())
             if jobs:
                 return list(jobs)
-            self._forget(key)
         return []
 
     def remove(self, job: Job) -> None:
