@@ -51,7 +51,11 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(
         5.0, gt=0, description="seconds a Redis operation may take before it counts as an outage (503)"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads; default on CPU: one fewer than torch's choice (a core for HTTP and encoding)",
+    )
     log_level: str = Field("info")
     # worker only
     redis: str | None = Field(None, description="worker: redis:// URL of the job stream")

@@ -32,13 +32,24 @@ def load_pipeline(model: str, device: str, dtype: str) -> Any:
     return pipe.to(device)
 
 
+def default_threads(device: str) -> int:
+    """Torch threads when ``--threads`` is unset: on CPU one fewer than torch's choice (at least one).
+
+    The HTTP server, image encoding and the Redis loop need a core too: on 2 cores, two torch threads
+    served mixed traffic 15-46% slower than one (bench/README.md, "Mixed traffic results"), because a
+    forward's cost barely shrinks with its batch when both cores are contended. On accelerators the
+    threads only run the host side, and torch's choice stays.
+    """
+    available = torch.get_num_threads()
+    return max(1, available - 1) if device == "cpu" else available
+
+
 def build_engine(settings: Settings) -> Engine:
     """Load the configured pipeline and wrap it in an engine (not started)."""
     from service.engine.families import runner_for
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     device = settings.resolved_device()
+    torch.set_num_threads(settings.threads or default_threads(device))
     pipe = load_pipeline(settings.model, device, settings.resolved_dtype())
     runner = runner_for(pipe, torch.device(device), pipe.transformer.dtype)
     return Engine(
