@@ -144,6 +144,39 @@ def test_admission_is_in_arrival_order_without_overtaking_across_keys():
     assert scheduler.free_slots == 0 and list(scheduler.waiting) == [small]
 
 
+def test_a_job_with_fewer_steps_joins_before_longer_jobs_that_arrived_earlier():
+    scheduler = Scheduler(max_batch_size=2, max_queue=8)
+    running = job("running", "A")
+    scheduler.enqueue(running)
+    scheduler.admit()
+    long1, long2, short = job("long1", "A", steps=50), job("long2", "B", steps=50), job("short", "A", steps=25)
+    for j in (long1, long2, short):
+        scheduler.enqueue(j)
+    assert scheduler.admit() == ([short], [])  # one free slot: the 25-step job takes it
+    assert (long1.passed, long2.passed) == (1, 1) and list(scheduler.waiting) == [long1, long2]
+    scheduler.remove(short)
+    scheduler.remove(running)
+    assert scheduler.admit() == ([long1, long2], []), "equal steps: arrival order"
+
+
+def test_a_job_passed_max_batch_size_times_is_not_passed_again():
+    scheduler = Scheduler(max_batch_size=2, max_queue=8)
+    blocker = job("blocker", "A", steps=50)
+    scheduler.enqueue(blocker)
+    scheduler.admit()
+    patient = job("patient", "A", steps=50)
+    scheduler.enqueue(patient)
+    admitted = []
+    for i in range(4):  # a stream of short jobs, one free slot at each round start
+        scheduler.enqueue(job(f"short{i}", "A", steps=10))
+        joined, _ = scheduler.admit()
+        admitted.extend(j.job_id for j in joined)
+        for j in joined:
+            scheduler.remove(j)
+    assert admitted == ["short0", "short1", "patient", "short2"]
+    assert patient.passed == 2
+
+
 def test_a_job_larger_than_the_batch_is_refused_not_stuck():
     scheduler = Scheduler(max_batch_size=2, max_queue=8)
     too_big, fine = job("too-big", "A", n=3), job("fine", "A", n=1)

@@ -60,6 +60,7 @@ class Job:
     cancelled: bool = False
     # filled by the engine
     key: Hashable = None  # compatibility key: jobs with equal keys share a transformer forward
+    passed: int = 0  # times a later job with fewer steps was admitted while this one waited
     samples: list[Sample] = field(default_factory=list)
     admitted_at: float | None = None
     first_step_at: float | None = None

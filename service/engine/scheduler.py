@@ -7,11 +7,14 @@ Images can share one transformer forward only when they have the same *compatibi
 batch per key** (a *group*) and at most ``max_batch_size`` images in flight over all groups together.
 It makes two decisions at every step boundary, and nothing else in the engine makes them:
 
-1. **Admission.** At the start of each round, waiting jobs join in arrival order while their images
-   fit in the free capacity, whatever their key: a job joins the group of its key, or opens a new
-   group. The first job that does not fit stops admission (no overtaking), so a large request is never
-   starved by a stream of small ones. Keys never block admission: a job never waits behind a job of
-   another key.
+1. **Admission.** At the start of each round, waiting jobs join while their images fit in the free
+   capacity, whatever their key: a job joins the group of its key, or opens a new group. They join
+   in order of fewer steps first, arrival order among equal steps: a 25-step request does not queue
+   behind 50-step ones, as shortest-job-first keeps the mean wait low. A job that later jobs with
+   fewer steps have passed ``max_batch_size`` times is not passed again. The first job in this order
+   that does not fit stops admission (a small request never overtakes a large one of equal steps),
+   so a large request is never starved by a stream of small ones. Keys never block admission: a job
+   never waits behind a job of another key.
 2. **Stepping.** Groups take turns. A *round* gives every running group one denoising step, so every
    image in flight advances exactly one step per round, whichever group it is in: the same progress it
    would make in one big batch. A round runs one forward per group over at most ``max_batch_size``
@@ -26,11 +29,15 @@ freed mid-round stay empty for the rest of the round (at most one forward per ot
 Fairness bound (holds however the traffic mixes keys)
 -----------------------------------------------------
 * Once running, a job of ``S`` steps finishes after exactly ``S`` rounds.
-* Once at the head of the waiting queue, a job is admitted within at most ``R`` rounds, where ``R``
-  is the largest number of steps left to any job in flight when it reached the head: every round
-  frees the images of the jobs that finish, and no later job is admitted before it. So the head of
-  the queue waits at most **one full generation of the longest job already running**.
-* A job further back waits, in addition, for the jobs ahead of it (FIFO, bounded by ``max_queue``).
+* Once first in the admission order, a job is admitted within at most ``R`` rounds, where ``R`` is
+  the largest number of steps left to any job in flight at that moment: every round frees the images
+  of the jobs that finish, and no job is admitted before it. So it waits at most **one full
+  generation of the longest job already running**.
+* Jobs with fewer steps may go first, but at most ``max_batch_size`` of them pass any one job; with
+  equal steps nobody passes. Without shorter requests in the traffic, admission is first come, first
+  served and the bound above holds from the head of the queue.
+* A job further back waits, in addition, for the jobs ahead of it in the order (bounded by
+  ``max_queue``).
 
 A round costs one forward per running group; with ``G`` groups that is ``G - 1`` forward overheads
 more than one batch of the same images would cost: the price of not making any key wait.
@@ -107,29 +114,48 @@ class Scheduler:
     def admit(self) -> tuple[list[Job], list[Job]]:
         """Admission at a step boundary: (jobs that join their group now, jobs that can never fit).
 
-        Only at the start of a round (nothing joins mid-round). Arrival order, no overtaking: the first
-        job whose images do not fit stops admission.
+        Only at the start of a round (nothing joins mid-round), in ``admission_order``; the first job
+        whose images do not fit stops admission.
         """
         admitted: list[Job] = []
-        oversized: list[Job] = []
+        oversized = [job for job in self.waiting if job.n > self.max_batch_size]  # a feeder skipped validation
+        if oversized:
+            self.remove_waiting(oversized)
         if self.mid_round:
             return admitted, oversized
         used = self.images_running
-        while self.waiting:
-            job = self.waiting[0]
-            if job.n > self.max_batch_size:  # a feeder that skipped validation: can never run here
-                oversized.append(self.waiting.popleft())
-                continue
+        for job in self.admission_order():
             if used + job.n > self.max_batch_size:
                 break
-            self.waiting.popleft()
             used += job.n
+            admitted.append(job)
             if job.key not in self._groups:
                 self._groups[job.key] = []
                 self._turns.append(job.key)
             self._groups[job.key].append(job)
-            admitted.append(job)
+        if admitted:
+            joined = set(map(id, admitted))
+            waiting = list(self.waiting)  # arrival order
+            for position, job in enumerate(waiting):
+                if id(job) in joined:  # every earlier job that still waits was passed by a shorter one
+                    for earlier in waiting[:position]:
+                        if id(earlier) not in joined:
+                            earlier.passed += 1
+            self.remove_waiting(admitted)
         return admitted, oversized
+
+    def admission_order(self) -> list[Job]:
+        """Waiting jobs in the order they may join: fewer steps first, arrival order among equals, and
+        nobody ahead of a job already passed ``max_batch_size`` times that arrived after it."""
+        order: list[Job] = []
+        segment: list[Job] = []
+        for job in self.waiting:  # arrival order
+            segment.append(job)
+            if job.passed >= self.max_batch_size:  # later jobs may not pass it: close the segment
+                order.extend(sorted(segment, key=lambda j: j.spec.steps))  # stable: arrival among equals
+                segment = []
+        order.extend(sorted(segment, key=lambda j: j.spec.steps))
+        return order
 
     def next_group(self) -> list[Job]:
         """The jobs of the group whose turn it is (empty when nothing runs); a round starts when the
