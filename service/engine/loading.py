@@ -35,10 +35,10 @@ def load_pipeline(model: str, device: str, dtype: str) -> Any:
 def default_threads(device: str) -> int:
     """Torch threads when ``--threads`` is unset: on CPU one fewer than torch's choice (at least one).
 
-    The HTTP server, image encoding and the Redis loop need a core too: on 2 cores, two torch threads
-    served mixed traffic 15-46% slower than one (bench/README.md, "Mixed traffic results"), because a
-    forward's cost barely shrinks with its batch when both cores are contended. On accelerators the
-    threads only run the host side, and torch's choice stays.
+    The HTTP server, image encoding and the Redis loop need a core too: on 2 cores, one torch thread
+    served mixed traffic 15-40% faster than two (bench/README.md, "Mixed traffic results"), where a
+    forward's cost barely shrank with its batch. On accelerators the threads only run the host side,
+    and torch's choice stays.
     """
     available = torch.get_num_threads()
     return max(1, available - 1) if device == "cpu" else available
