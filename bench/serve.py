@@ -220,6 +220,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.load_factors = [float(f) for f in factors]
     if args.requests is None:
         args.requests = 16 if args.quick else 64
+    if args.mix_latency_requests is None:
+        args.mix_latency_requests = 2 * args.requests
     if args.start_redis and args.queue != "local":
         parser.error("--start-redis starts its own Redis: leave --queue out")
     if args.queue != "local" and not args.queue.startswith(("redis://", "rediss://", "unix://")):

@@ -209,7 +209,7 @@ def run_mix(mix: str, url: str, max_batch_size: int, args: argparse.Namespace, p
     # load x its own capacity. Loading the mix by its expected capacity would run it hotter than the kinds
     # alone whenever mixing costs throughput, which mixed_efficiency already reports.
     rate = args.mix_load * mixed / images_per_request
-    latency_requests = args.mix_latency_requests or 2 * args.requests
+    latency_requests = args.mix_latency_requests
     bodies, picks = bodies_for(kinds, latency_requests, args, args.seed + 300)
     outcomes, _ = asyncio.run(open_loop(url, rate, latency_requests, args, args.seed + 300, bodies=bodies))
     for index, kind in enumerate(kinds):
@@ -269,7 +269,7 @@ def print_mix(result: dict[str, Any]) -> None:
         f"{fmt(result['mixed_capacity_images_per_s'], 3)} img/s / expected "
         f"{fmt(result['expected_capacity_images_per_s'], 3)} img/s (weighted harmonic mean of the kinds alone), "
         f"the median of {len(result['rounds'])} rounds ({rounds}); "
-        f"latency at {result['load_factor']:g}x capacity, {result['latency_requests']} requests"
+        f"latency at {result['load_factor']:g}x the measured capacity, {result['latency_requests']} requests"
     )
 
 
@@ -283,7 +283,7 @@ def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[st
         f"# bench.serve --mix\n\nmachine: {machine_description(device, args.threads)}  \n"
         f"command: `{command_line('bench.serve', argv)}`  \nmodel: {args.model}; max batch size {max_batch_size}; "
         f"{args.requests} requests per capacity measurement, {args.mix_repeats} rounds; latency at "
-        f"{args.mix_load:g}x capacity, {args.mix_latency_requests or 2 * args.requests} requests per run\n",
+        f"{args.mix_load:g}x the measured capacity, {args.mix_latency_requests} requests per run\n",
         flush=True,
     )
     started = time.time()
@@ -309,7 +309,7 @@ def main_mix(args: argparse.Namespace, argv, log_dir: Path, progress) -> dict[st
         "settings": {
             "model": str(args.model),
             "requests_per_measurement": args.requests,
-            "latency_requests": args.mix_latency_requests or 2 * args.requests,
+            "latency_requests": args.mix_latency_requests,
             "repeats": args.mix_repeats,
             "images_per_request": args.n,
             "steps": args.steps,

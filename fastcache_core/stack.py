@@ -115,9 +115,7 @@ class StackRunner:
         }
         members_of = {mode: [k for k, m in enumerate(modes) if m == mode] for mode in (COMPUTE, FIRST_BLOCK)}
         # plain computes share First-Block-Cache's block calls: each block runs once per step, not twice
-        sharing = bool(rows_of[FIRST_BLOCK]) and not any(
-            step.samples[k].uses_token_selection and step.samples[k].refresh.computes > 0 for k in members_of[COMPUTE]
-        )
+        sharing = bool(rows_of[FIRST_BLOCK]) and not any(step.samples[k].selects_tokens for k in members_of[COMPUTE])
         parts: list[_Part] = []
         if rows_of[FORECAST]:
             parts.append(self._forecast(step, rows_of[FORECAST], image, text, slots))
@@ -187,9 +185,7 @@ class StackRunner:
         index = self._rows_index(rows, image)
         row_slots = self._take(slots, index)
         x, x_text = self._take(image, index), self._take(text, index)
-        samples = [step.samples[k] for k in members]
-        selecting = [s for s in samples if s.uses_token_selection and s.refresh.computes > 0]
-        if selecting:
+        if any(step.samples[k].selects_tokens for k in members):
             y, y_text, computed_tokens = self._compute_selected(step, call, members, rows, index, x, x_text, row_slots)
         else:
             y, y_text = self._blocks(call, index, x, x_text, None, 0)
@@ -502,7 +498,7 @@ class StackRunner:
         """(moving-token positions or None for all, number of tokens to merge) for one sample."""
         sample = step.samples[k]
         p = sample.params
-        if not sample.uses_token_selection or sample.refresh.computes == 0:
+        if not sample.selects_tokens:
             return None, 0
         n_tokens = x.shape[1]
         positions = None

@@ -35,6 +35,12 @@ class SampleState:
         p = self.params
         return p.method == "fastcache" and (p.motion_threshold > 0.0 or p.motion_fraction < 1.0 or p.merge_ratio > 0.0)
 
+    @property
+    def selects_tokens(self) -> bool:
+        """Whether this sample's next real compute selects or merges tokens: it uses token selection
+        and has computed once (the first compute has no earlier input to measure motion against)."""
+        return self.uses_token_selection and self.refresh.computes > 0
+
     def is_forced(self, first_steps: int, last_steps: int) -> bool:
         """Whether this step must compute everything (warm-up and final steps)."""
         if self.step < first_steps:

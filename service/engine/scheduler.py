@@ -118,12 +118,14 @@ class Scheduler:
         whose images do not fit stops admission.
         """
         admitted: list[Job] = []
+        if self.mid_round:
+            return admitted, []
         oversized = [job for job in self.waiting if job.n > self.max_batch_size]  # a feeder skipped validation
         if oversized:
             self.remove_waiting(oversized)
-        if self.mid_round:
-            return admitted, oversized
         used = self.images_running
+        if used >= self.max_batch_size:  # full: nothing to order
+            return admitted, oversized
         for job in self.admission_order():
             if used + job.n > self.max_batch_size:
                 break
