@@ -60,8 +60,9 @@ def test_cancel_frees_the_batch_slot_for_a_waiting_job(tiny_dit_dir):
     try:
         with s.client() as c:
             running = c.post("/v1/jobs", json={"prompt": "1", "steps": 200}).json()
-            waiting = c.post("/v1/jobs", json={"prompt": "2", "steps": 5}).json()
+            # posted only once the long job holds the slot: two jobs waiting together are admitted fewer steps first
             wait_until(lambda: c.get(f"/v1/jobs/{running['id']}").json()["status"] == "running", 30)
+            waiting = c.post("/v1/jobs", json={"prompt": "2", "steps": 5}).json()
             assert c.get(f"/v1/jobs/{waiting['id']}").json()["status"] == "queued"
             cancelled = c.delete(f"/v1/jobs/{running['id']}")
             assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
