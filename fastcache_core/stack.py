@@ -223,7 +223,8 @@ class StackRunner:
         rows = [r for k in both for r in step.sample_rows[k]]
         local = {r: i for i, r in enumerate(rows)}
         fb_rows = [r for k in members for r in step.sample_rows[k]]
-        fb_sub = self._subset([local[r] for r in fb_rows], len(rows), image.device)
+        fb_local = [local[r] for r in fb_rows]
+        fb_sub = self._subset(fb_local, len(rows), image.device)
         index = self._rows_index(rows, image)
         row_slots = self._take(slots, index)
         x, x_text = self._take(image, index), self._take(text, index)
@@ -265,7 +266,7 @@ class StackRunner:
                 y_text.index_copy_(0, sub, tail_text)
             elif tail_text is None:
                 y_text = None
-            fb_set = {local[r] for r in fb_rows}
+            fb_set = set(fb_local)
             refreshed = [j for j, i in enumerate(tail_rows) if i in fb_set]
             if refreshed:
                 picked = self._tensor(tuple(refreshed), x.device, torch.long)

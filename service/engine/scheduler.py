@@ -137,12 +137,12 @@ class Scheduler:
             self._groups[job.key].append(job)
         if admitted:
             joined = set(map(id, admitted))
-            waiting = list(self.waiting)  # arrival order
-            for position, job in enumerate(waiting):
-                if id(job) in joined:  # every earlier job that still waits was passed by a shorter one
-                    for earlier in waiting[:position]:
-                        if id(earlier) not in joined:
-                            earlier.passed += 1
+            later_joined = 0  # admitted jobs that arrived after the one at hand: each passed it
+            for job in reversed(self.waiting):
+                if id(job) in joined:
+                    later_joined += 1
+                else:
+                    job.passed += later_joined
             self.remove_waiting(admitted)
         return admitted, oversized
 
