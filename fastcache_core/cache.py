@@ -2,10 +2,10 @@
 
 FastCache decides per sample and step whether the transformer's block stack really runs for the
 sample or its output is forecast from the sample's own history of real computes (``forecast.py``),
-by a chi-square test on the forecast error measured at each real compute (``decisions.py``), with
-per-phase coefficients fitted by calibration (``profile.py``, ``calibration.py``). Real computes may
-run only a sample's moving tokens and merge redundant ones (``tokens.py``). The block loop of a step
-lives in ``stack.py``; the diffusers hooks that attach it in ``hooks.py``.
+by the sample's method (``methods/``: FastCache's rule and its chi-square test, or a per-sample peer),
+with per-phase coefficients fitted by calibration (``profile.py``, ``calibration.py``). Real computes
+may run only a sample's moving tokens and merge redundant ones (``token_selection.py``). The block loop
+of a step lives in ``stack.py``; the diffusers hooks that attach it in ``hooks.py``.
 
 Plain pipeline calls work unchanged: each new denoising run (detected from the timestep going up
 again or the batch size changing) starts fresh per-sample state with the default params (see
@@ -116,12 +116,12 @@ class FastCache:
         resolved = (params or CacheParams()).resolved(self.default_params)
         if not self.config.enabled:
             resolved = replace(resolved, method="none")
-        state = SampleState(sample_id, resolved, num_steps)
+        state = SampleState.create(sample_id, resolved, num_steps)
         state.stats = SampleStats(
             sample_id=sample_id,
             method=resolved.method,
             params=resolved.to_dict(),
-            approximator=self._forecaster_label(resolved),
+            approximator=state.method.approximator(self.profile),
         )
         self._samples[sample_id] = state
 
@@ -176,16 +176,15 @@ class FastCache:
             return CacheProfile()
         return CacheProfile.load(path)
 
-    def _forecaster_label(self, params: CacheParams) -> str:
-        if params.method in ("none", "teacache", "fbcache"):
-            return "residual reuse" if params.method != "none" else "none"
-        if params.method == "taylorseer":
-            return "taylor order 1"
-        return "fitted forecast" if self.profile.fitted else "taylor order 1 (uncalibrated)"
-
     # ------------------------------------------------------------------ per forward (called by hooks)
 
-    def _begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    @property
+    def current_step(self) -> StepContext | None:
+        """The step context of the forward in progress (``None`` between forwards)."""
+        return self._step
+
+    def begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Open the step context of a transformer forward: which sample and branch each row is, and when."""
         bound = self._forward_signature.bind(*args, **kwargs).arguments
         hidden = bound.get("hidden_states")
         timestep = bound.get("timestep")
@@ -193,7 +192,7 @@ class FastCache:
         if unsupported or hidden is None or timestep is None:
             if unsupported:
                 logger.warning("FastCache: %s given; running this forward uncached", ", ".join(unsupported))
-            self._step = StepContext([], [], [], None, [], bypass=True)
+            self._step = StepContext([], [], [], None, bypass=True)
             return
         batch = hidden.shape[0]
         if not torch.is_tensor(timestep):
@@ -207,7 +206,6 @@ class FastCache:
         rows: list[RowState] = []
         samples: list[SampleState] = []
         sample_rows: list[list[int]] = []
-        phases: list[int] = []
         index_of: dict[int, int] = {}
         num_phases = self.profile.num_phases
         for row_index, (key, t) in enumerate(zip(keys, host_times, strict=True)):
@@ -218,11 +216,12 @@ class FastCache:
                 index_of[sid] = len(samples)
                 samples.append(row.sample)
                 sample_rows.append([])
-                phases.append(phase_of(t, num_phases))
+                row.sample.phase = phase_of(t, num_phases)
             sample_rows[index_of[sid]].append(row_index)
-        self._step = StepContext(rows, samples, sample_rows, times.to(hidden.device), phases)
+        self._step = StepContext(rows, samples, sample_rows, times.to(hidden.device))
 
-    def _end_step(self) -> None:
+    def end_step(self) -> None:
+        """Close the step context: every sample of the step advances one step."""
         step, self._step = self._step, None
         if step is None or step.bypass:
             return
@@ -230,7 +229,8 @@ class FastCache:
             sample.step += 1
             sample.stats.steps += 1
 
-    def _run_stack(self, first_block: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run_stack(self, first_block: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the whole block stack of the step (called in place of the first block)."""
         step = self._step
         assert step is not None
         call = self.adapter.bind_call(first_block, args, kwargs)

@@ -8,17 +8,20 @@ default in ``DEFAULT_PARAMS``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fastcache_core.methods.registry import method_names
 
 if TYPE_CHECKING:
     from fastcache_core.profile import CacheProfile
 
-METHODS = ("none", "fastcache", "taylorseer", "teacache", "fbcache")
-"""Per-sample methods the cache runs itself. ``none`` computes everything; ``taylorseer`` forecasts
-like FastCache but refreshes at a fixed interval; ``teacache`` and ``fbcache`` are stack reuse rules
-(TeaCache, First-Block-Cache). All of them decide per sample."""
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registry's names at the time of asking (plug-ins included)
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,9 @@ class CacheParams:
     """Cache settings of one request (one sample and its guidance pair).
 
     Args:
-        method: ``"fastcache"`` (the default), ``"none"``, or a per-sample peer: ``"taylorseer"``,
-            ``"teacache"``, ``"fbcache"``.
+        method: a registered method (``fastcache_core.methods``): ``"fastcache"`` (the default),
+            ``"none"``, or a per-sample peer: ``"taylorseer"``, ``"teacache"``, ``"fbcache"``. Each
+            method reads the fields it names in ``request_fields`` and ignores the others.
         tolerance: tau. For ``fastcache``: the relative forecast drift (in the transformer's output
             space, beyond the model's calibrated per-step noise floor) accepted as noise by the
             chi-square test at each real compute; larger values refresh less often. ``0`` computes
@@ -58,8 +62,8 @@ class CacheParams:
     max_skip_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method is not None and self.method not in method_names():
+            raise ValueError(f"method must be one of {', '.join(method_names())}; got {self.method!r}")
         _check_range("tolerance", self.tolerance, 0.0, 1.0)
         _check_range("significance", self.significance, 0.0, 0.5, low_open=True)
         _check_range("motion_threshold", self.motion_threshold, 0.0, 1.0)
@@ -101,7 +105,8 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
 
 @dataclass(frozen=True)
 class ResolvedCacheParams(CacheParams):
-    """``CacheParams`` with every field set: what a registered sample runs with."""
+    """``CacheParams`` with every field set: what a registered sample runs with. Its field defaults are
+    the library defaults (``DEFAULT_PARAMS``)."""
 
     method: str = "fastcache"
     tolerance: float = 0.02
@@ -112,15 +117,7 @@ class ResolvedCacheParams(CacheParams):
     max_skip_steps: int = 4
 
 
-DEFAULT_PARAMS = ResolvedCacheParams(
-    method="fastcache",
-    tolerance=0.02,
-    significance=0.05,
-    motion_threshold=0.0,
-    motion_fraction=1.0,
-    merge_ratio=0.0,
-    max_skip_steps=4,
-)
+DEFAULT_PARAMS = ResolvedCacheParams()
 """Library defaults, used where neither the request nor the model's calibration sets a value."""
 
 
@@ -162,7 +159,3 @@ class FastCacheConfig:
             raise ValueError("first_steps and last_steps must be >= 0")
         if self.knn_neighbors < 1:
             raise ValueError("knn_neighbors must be >= 1")
-
-    def with_params(self, **changes: Any) -> FastCacheConfig:
-        """A copy whose default ``params`` has ``changes`` applied."""
-        return replace(self, params=replace(self.params, **changes))

@@ -27,13 +27,15 @@ class CacheHandle(Protocol):
 
     transformer: torch.nn.Module
     blocks: list[torch.nn.Module]
-    _step: StepContext | None
 
-    def _begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
+    @property
+    def current_step(self) -> StepContext | None: ...
 
-    def _end_step(self) -> None: ...
+    def begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
 
-    def _run_stack(self, first_block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+    def end_step(self) -> None: ...
+
+    def run_stack(self, first_block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
 
 
 STEP_HOOK = "fastcache_step"
@@ -49,11 +51,11 @@ class FastCacheStepHook(ModelHook):
         self.cache = cache
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        self.cache._begin_step(args, kwargs)
+        self.cache.begin_step(args, kwargs)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.cache._end_step()
+        self.cache.end_step()
         return output
 
 
@@ -65,10 +67,10 @@ class FastCacheStackHook(ModelHook):
         self.cache = cache
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        step = self.cache._step
+        step = self.cache.current_step
         if step is None or step.bypass or step.running:
             return _original_forward(self)(*args, **kwargs)
-        return self.cache._run_stack(_original_forward(self), args, kwargs)
+        return self.cache.run_stack(_original_forward(self), args, kwargs)
 
 
 class FastCachePassThroughHook(ModelHook):
@@ -79,7 +81,7 @@ class FastCachePassThroughHook(ModelHook):
         self.cache = cache
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        step = self.cache._step
+        step = self.cache.current_step
         if step is None or step.bypass or step.running or step.output is None:
             return _original_forward(self)(*args, **kwargs)
         return step.output

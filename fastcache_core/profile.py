@@ -5,7 +5,7 @@ Per schedule phase (``num_phases`` equal slices of normalized time, phase 0 at p
 * ``forecast_gain``: the first-order gain of the forecaster (1 = Taylor's first order; fitted by
   least squares on uncached runs, kept only when it wins end to end);
 * ``error_floor``: the relative one-step forecast error of uncached runs in the output space, the
-  per-step noise floor the refresh rule subtracts (``decisions.py``);
+  per-step noise floor the refresh rule subtracts (``methods/fastcache.py``);
 * ``tolerance_weight``: the typical forecast drift per squared step of the phase, relative to the
   mean over phases (``metadata["drift_scale"]``): a typical sample then settles at the same horizon in
   every phase, and one that drifts more than typical refreshes sooner.
@@ -73,11 +73,6 @@ class CacheProfile:
 
     def weight(self, phase: int) -> float:
         return 1.0 if self.tolerance_weight is None else float(self.tolerance_weight[phase])
-
-    def gains_tensor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Per-phase forecast gains, shape (num_phases,), for on-device lookups."""
-        gains = self.forecast_gain if self.forecast_gain is not None else torch.ones(self.num_phases)
-        return gains.to(device=device, dtype=dtype)
 
     def save(self, path: str | Path) -> None:
         """Write the profile to a safetensors file."""

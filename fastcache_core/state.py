@@ -9,37 +9,55 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fastcache_core.config import ResolvedCacheParams
-from fastcache_core.decisions import RefreshState
+from fastcache_core.methods import CacheMethod, TokenPlan, get_method
 from fastcache_core.stats import SampleStats
 
 
 @dataclass
 class SampleState:
-    """One sample's settings, progress, refresh bookkeeping and counters."""
+    """One sample's settings, progress and counters, and its method's own params and state.
+
+    ``computes`` and ``last_compute`` count real computes of the whole stack for every method; what a
+    method keeps besides lives in ``method_state`` (``fastcache_core.methods``).
+    """
 
     sample_id: Hashable
     params: ResolvedCacheParams
+    method: CacheMethod
+    method_params: Any
+    method_state: Any
     num_steps: int | None
     step: int = 0
-    refresh: RefreshState = field(default_factory=RefreshState)
-    teacache_accumulated: float = 0.0
+    computes: int = 0
+    """Real computes of the whole stack so far."""
+    last_compute: int = -1
+    """Step index of the last real compute (-1 before the first)."""
+    phase: int = 0
+    """Schedule phase of the current step (set by the cache before each step)."""
     stats: SampleStats = field(default_factory=SampleStats)
 
+    @classmethod
+    def create(cls, sample_id: Hashable, params: ResolvedCacheParams, num_steps: int | None) -> SampleState:
+        """A new sample running ``params.method`` (from the registry) with its fresh state."""
+        method = get_method(params.method)
+        method_params = method.params(params)
+        return cls(sample_id, params, method, method_params, method.new_state(method_params), num_steps)
+
     @property
-    def uses_token_selection(self) -> bool:
-        """Whether real computes of this sample run only its moving tokens (or merge tokens)."""
-        p = self.params
-        return p.method == "fastcache" and (p.motion_threshold > 0.0 or p.motion_fraction < 1.0 or p.merge_ratio > 0.0)
+    def token_plan(self) -> TokenPlan | None:
+        """How this sample's real computes select or merge tokens (``None``: all tokens)."""
+        return self.method.token_plan(self)
 
     @property
     def selects_tokens(self) -> bool:
-        """Whether this sample's next real compute selects or merges tokens: it uses token selection
-        and has computed once (the first compute has no earlier input to measure motion against)."""
-        return self.uses_token_selection and self.refresh.computes > 0
+        """Whether this sample's next real compute selects or merges tokens: it has a token plan and has
+        computed once (the first compute has no earlier input to measure motion against)."""
+        return self.computes > 0 and self.token_plan is not None
 
     def is_forced(self, first_steps: int, last_steps: int) -> bool:
         """Whether this step must compute everything (warm-up and final steps)."""

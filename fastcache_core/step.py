@@ -20,8 +20,6 @@ class StepContext:
     """Batch row indices of each sample, in sample order."""
     times: torch.Tensor | None
     """Normalized time of each row, (B,) float32 on the batch's device."""
-    phases: list[int]
-    """Schedule phase of each sample."""
     bypass: bool = False
     running: bool = False
     """True while the stack runner executes blocks: pass-through hooks then call through."""
