@@ -34,7 +34,17 @@ _HOMES = {
     "SampleStats": "fastcache_core.stats",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "DEFAULT_PARAMS",
+    "METHODS",
+    "CacheParams",
+    "CacheProfile",
+    "FastCache",
+    "FastCacheConfig",
+    "ResolvedCacheParams",
+    "SampleStats",
+    "apply_fastcache",
+]
 
 
 def __getattr__(name: str) -> Any:

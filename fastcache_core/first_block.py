@@ -103,7 +103,13 @@ def _after_riding_computes(
     c_rows = [rows[i] for i in c_local]
     c_index = runner.indices.index(c_rows, x.device)
     runner.after_compute(
-        step, computing, c_rows, c_index, row_slots.index_select(0, c_sub), x.index_select(0, c_sub), y.index_select(0, c_sub)
+        step,
+        computing,
+        c_rows,
+        c_index,
+        row_slots.index_select(0, c_sub),
+        x.index_select(0, c_sub),
+        y.index_select(0, c_sub),
     )
     runner.count_computes(step, computing, {k: tokens for k in computing}, tokens)
 

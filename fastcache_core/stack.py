@@ -81,7 +81,10 @@ class StackRunner:
         self._step = step
         self._measure_call = (call, image, text)
         modes = self._modes(step, call, image, slots)
-        rows_of = {mode: [r for k, rows in enumerate(step.sample_rows) if modes[k] == mode for r in rows] for mode in set(modes)}
+        rows_of = {
+            mode: [r for k, rows in enumerate(step.sample_rows) if modes[k] == mode for r in rows]
+            for mode in set(modes)
+        }
         members_of = {mode: [k for k, m in enumerate(modes) if m == mode] for mode in (COMPUTE, FIRST_BLOCK)}
         # plain computes share first-block rows' block calls: each block runs once per step, not twice
         sharing = bool(members_of[FIRST_BLOCK]) and not any(step.samples[k].selects_tokens for k in members_of[COMPUTE])
@@ -111,10 +114,7 @@ class StackRunner:
         probed = [k for k, p in enumerate(probes) if p == INPUT_CHANGE]
         if probed:
             values = self._input_changes(step, call, probed, image, slots)
-        return [
-            COMPUTE if forced[k] else s.method.mode(s, context, values.get(k))
-            for k, s in enumerate(step.samples)
-        ]
+        return [COMPUTE if forced[k] else s.method.mode(s, context, values.get(k)) for k, s in enumerate(step.samples)]
 
     def _input_changes(
         self, step: StepContext, call: dict[str, Any], members: list[int], image: torch.Tensor, slots: torch.Tensor
@@ -272,7 +272,9 @@ class StackRunner:
                 sample.stats.blocks_approximated += len(self.blocks)
                 sample.stats.macs_computed += per_row * len(sample_rows)
 
-    def count_computes(self, step: StepContext, members: list[int], computed_tokens: dict[int, int], tokens: int) -> None:
+    def count_computes(
+        self, step: StepContext, members: list[int], computed_tokens: dict[int, int], tokens: int
+    ) -> None:
         """Counters of samples whose whole stack ran (on ``computed_tokens[k]`` of ``tokens`` tokens)."""
         for k in members:
             sample = step.samples[k]
@@ -301,7 +303,9 @@ class StackRunner:
         """Per-row first-order forecast gains (each row's method decides), as a cached tensor."""
         context = self.context
         sample_of = {r: k for k, rs in enumerate(step.sample_rows) for r in rs}
-        gains = tuple(step.samples[sample_of[r]].method.forecast_gain(step.samples[sample_of[r]], context) for r in rows)
+        gains = tuple(
+            step.samples[sample_of[r]].method.forecast_gain(step.samples[sample_of[r]], context) for r in rows
+        )
         return self.indices.tensor(gains, like.device, like.dtype)
 
     def _projection(self, like: torch.Tensor) -> torch.Tensor | None:

@@ -114,9 +114,7 @@ class TokenSelection:
             out = knn_unmerge(out, merged, selected, merge_info)
         base = gx
         if positions.shape[1] < n_tokens:  # static tokens take the forecast
-            base = runner.history.forecast(
-                g_slots, take(step.times, g_index), runner.gains(step, group_rows, gx), gx
-            )
+            base = runner.history.forecast(g_slots, take(step.times, g_index), runner.gains(step, group_rows, gx), gx)
         gy = scatter_tokens(base, positions, out)
         self._update_static_runs(g_slots, positions, gx)
         return gy, gy_text, merged.shape[1]

@@ -7,8 +7,8 @@ says. Exit status: 0 done, 1 the job failed or the server could not be reached, 
 rejected the request (4xx), 3 the server stayed busy through every retry, 130 interrupted (the job
 is cancelled).
 
-This module imports only the HTTP client and the progress bar (no torch, no service internals) so
-the command starts at once.
+This module imports only the HTTP client, the progress bar and the cache-method registry (no torch, no
+service internals) so the command starts at once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 import httpx
 from tqdm import tqdm
+
+from fastcache_core.methods import get_method, method_names
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 EXIT_FAILED, EXIT_REJECTED, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -85,17 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="server-side deadline in seconds; past it the job fails with 504",
     )
     cache = parser.add_argument_group("cache (omitted: the model's calibrated defaults)")
-    cache.add_argument(
-        "--method", choices=("fastcache", "none", "taylorseer", "teacache", "fbcache"), help="cache method"
-    )
-    cache.add_argument(
-        "--tolerance", type=float, help="tau in [0, 1]: relative change treated as noise; 0 computes everything"
-    )
-    cache.add_argument("--significance", type=float, help="alpha in (0, 0.5] of the chi-square test")
-    cache.add_argument("--motion-threshold", type=float, help="token selection threshold; 0 = off")
-    cache.add_argument("--motion-fraction", type=float, help="compute this share of tokens instead of thresholding")
-    cache.add_argument("--merge-ratio", type=float, help="share of computed tokens merged by k-NN density; 0 = off")
-    cache.add_argument("--max-skip-steps", type=int, help="consecutive reuses before a forced compute")
+    cache.add_argument("--method", choices=method_names(), help=_methods_help())
+    for name, (kind, text) in CACHE_FIELD_HELP.items():
+        readers = [m for m in method_names() if name in get_method(m).request_fields]
+        cache.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (read by: {', '.join(readers)})")
     client = parser.add_argument_group("client")
     client.add_argument(
         "--retries",
@@ -108,15 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CACHE_OPTIONS = (
-    "method",
-    "tolerance",
-    "significance",
-    "motion_threshold",
-    "motion_fraction",
-    "merge_ratio",
-    "max_skip_steps",
-)
+CACHE_FIELD_HELP: dict[str, tuple[type, str]] = {
+    "tolerance": (float, "in [0, 1]: the change or drift accepted; 0 computes everything"),
+    "significance": (float, "alpha in (0, 0.5] of the chi-square test"),
+    "motion_threshold": (float, "token selection threshold; 0 = off"),
+    "motion_fraction": (float, "compute this share of tokens instead of thresholding"),
+    "merge_ratio": (float, "share of computed tokens merged by k-NN density; 0 = off"),
+    "max_skip_steps": (int, "most consecutive forecast steps"),
+}
+"""One line per ``CacheParams`` field (its docstring has the full meaning); the methods that read each
+come from the registry."""
+CACHE_OPTIONS = ("method", *CACHE_FIELD_HELP)
+
+
+def _methods_help() -> str:
+    return "cache method: " + "; ".join(f"{name}: {get_method(name).summary}" for name in method_names())
+
+
 REQUEST_OPTIONS = ("steps", "guidance_scale", "seed", "negative_prompt", "width", "height", "timeout_seconds")
 
 

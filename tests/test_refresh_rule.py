@@ -6,30 +6,30 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from fastcache_core.decisions import (
+from fastcache_core.methods.fastcache import (
     FIRST_WINDOW,
-    RefreshState,
+    FastCacheState,
     chi_square_quantile,
     drift_above_floor,
     fastcache_gap,
     max_accepted_error,
     settled_horizon,
-    taylorseer_computes,
 )
+from fastcache_core.methods.taylorseer import taylorseer_computes
 
 DOF = 64 * 16
 DRIFT = 0.004  # typical drift per squared step
 
 
 def gap_after(error, horizon=4, computes=3, floor=0.0, allowance=0.064, gap=4, significance=0.05):
-    state = RefreshState(computes=computes)
-    return fastcache_gap(state, horizon, error, floor, allowance, significance, DOF, gap), state
+    state = FastCacheState()
+    return fastcache_gap(state, computes, horizon, error, floor, allowance, significance, DOF, gap), state
 
 
 @pytest.mark.parametrize("dof", [50, 2048, 100_000])
 @pytest.mark.parametrize("p", [0.9, 0.95, 0.99])
 def test_quantile_matches_scipy(dof, p):
-    assert chi_square_quantile(p, dof) == pytest.approx(chi2.ppf(p, dof), rel=2e-3)
+    assert chi_square_quantile(p, dof) == pytest.approx(chi2.ppf(p, dof), rel=1e-9)
 
 
 def test_accepted_error_is_tight_around_the_scale_not_vacuous():
@@ -46,9 +46,8 @@ def test_the_tolerance_sets_the_horizon_at_which_a_typical_drift_meets_it():
 
 
 def test_the_window_after_the_first_compute_is_short():
-    state = RefreshState(computes=1)
-    assert fastcache_gap(state, 6, None, 0.0, 0.1, 0.05, DOF, 1) == FIRST_WINDOW
-    assert fastcache_gap(RefreshState(computes=1), 3, None, 0.0, 0.1, 0.05, DOF, 1) == 2
+    assert fastcache_gap(FastCacheState(), 1, 6, None, 0.0, 0.1, 0.05, DOF, 1) == FIRST_WINDOW
+    assert fastcache_gap(FastCacheState(), 1, 3, None, 0.0, 0.1, 0.05, DOF, 1) == 2
 
 
 def test_a_typical_sample_keeps_the_settled_horizon():

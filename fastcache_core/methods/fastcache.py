@@ -177,7 +177,8 @@ class FastCache(CacheMethod):
         return context.profile.gain(sample.phase)
 
     def token_plan(self, sample: SampleState) -> TokenPlan | None:
-        return sample.method_params.tokens
+        params: FastCacheParams = sample.method_params
+        return params.tokens
 
     def keeps_inputs(self, sample: SampleState) -> bool:
         return sample.method_params.tokens is not None  # token saliency compares with the last input
@@ -197,8 +198,15 @@ class FastCache(CacheMethod):
         slack = profile.guard_slack
         allowance = 0.0 if slack is None else slack * p.tolerance * profile.weight(sample.phase)
         gap_to_next = fastcache_gap(
-            state, sample.computes, horizon, forecast_error, profile.floor(sample.phase), allowance,
-            p.significance, dof, gap,
+            state,
+            sample.computes,
+            horizon,
+            forecast_error,
+            profile.floor(sample.phase),
+            allowance,
+            p.significance,
+            dof,
+            gap,
         )
         state.next_compute = sample.step + gap_to_next
 
