@@ -192,16 +192,6 @@ class FluxAdapter(_JointAdapter):
             *submodule(transformer, "single_transformer_blocks").children(),
         ]
 
-    def select_rows(self, call: dict[str, Any], rows: torch.Tensor | None) -> dict[str, Any]:
-        """A copy of a block call's arguments with the batched ones restricted to ``rows``."""
-        kwargs = dict(call)
-        if rows is not None:
-            for name in self.batched_kwargs:
-                value = kwargs.get(name)
-                if isinstance(value, torch.Tensor) and value.ndim > 0:
-                    kwargs[name] = value.index_select(0, rows)
-        return kwargs
-
     def select_rotary(self, rotary: Any, text: torch.Tensor | None, positions: torch.Tensor) -> Any:
         # rotary tables cover [text; image] tokens; keep text rows and the computed image rows, in order
         text_len = 0 if text is None else text.shape[1]

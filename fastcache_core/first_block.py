@@ -111,15 +111,15 @@ def _after_riding_computes(
         x.index_select(0, c_sub),
         y.index_select(0, c_sub),
     )
-    runner.count_computes(step, computing, {k: tokens for k in computing}, tokens)
+    runner.accounting.count_computes(step, computing, {k: tokens for k in computing}, tokens)
 
 
 def _count(
     runner: StackRunner, step: StepContext, members: list[int], local: dict[int, int], reused: set[int], tokens: int
 ) -> None:
     """Counters of the first-block samples; a sample whose tail ran has computed the whole stack."""
-    first_macs = runner.stack_macs(tokens, stop=1)
-    full_macs = runner.stack_macs(tokens)
+    first_macs = runner.accounting.stack_macs(tokens, stop=1)
+    full_macs = runner.accounting.stack_macs(tokens)
     blocks = len(runner.blocks)
     for k in members:
         sample = step.samples[k]

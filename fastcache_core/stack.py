@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fastcache_core.accounting import StepAccounting
 from fastcache_core.adapters import TransformerAdapter
 from fastcache_core.config import FastCacheConfig
 from fastcache_core.first_block import run_first_block
@@ -36,7 +37,6 @@ from fastcache_core.methods import COMPUTE, FIRST_BLOCK, FORECAST, INPUT_CHANGE,
 from fastcache_core.profile import CacheProfile
 from fastcache_core.rows import IndexCache, StackPart, relative_changes, take
 from fastcache_core.state import RowPool, SampleState, gather_rows, write_rows
-from fastcache_core.stats import BlockCostModel
 from fastcache_core.step import StepContext
 from fastcache_core.token_selection import TokenSelection
 
@@ -68,9 +68,8 @@ class StackRunner:
         self.block_callables = block_callables
         self.indices = IndexCache()
         self.tokens = TokenSelection(self)
-        self.costs = BlockCostModel()
+        self.accounting = StepAccounting(self)
         self._step: StepContext | None = None
-        self._measure_call: tuple[dict[str, Any], torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------ the step
 
@@ -79,7 +78,7 @@ class StackRunner:
         image, text = self.adapter.split_streams(call)
         slots = self.indices.tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
         self._step = step
-        self._measure_call = (call, image, text)
+        self.accounting.begin(call, image, text)
         modes = self._modes(step, call, image, slots)
         rows_of = {
             mode: [r for k, rows in enumerate(step.sample_rows) if modes[k] == mode for r in rows]
@@ -98,9 +97,9 @@ class StackRunner:
         if members_of[FIRST_BLOCK]:
             computing = members_of[COMPUTE] if sharing else []
             parts.append(run_first_block(self, step, call, members_of[FIRST_BLOCK], computing, image, text, slots))
-        self._count_full_cost(step, image)
+        self.accounting.count_full_cost(step, image)
         out_image, out_text = self._assemble(parts, image, text)
-        self._measure_call = None
+        self.accounting.end()
         self._step = None
         return self.adapter.streams_to_output(out_image, out_text)
 
@@ -137,7 +136,7 @@ class StackRunner:
     ) -> StackPart:
         index = self.indices.rows(rows, image)
         y = self.history.forecast(take(slots, index), take(step.times, index), self.gains(step, rows, image), image)
-        self._count_skips(step, rows, image)
+        self.accounting.count_skips(step, rows, image)
         return StackPart(rows, y, take(text, index))
 
     def _residual_reuse(
@@ -145,7 +144,7 @@ class StackRunner:
     ) -> StackPart:
         index = self.indices.rows(rows, image)
         y = self.history.residual_reuse(take(slots, index), take(image, index))
-        self._count_skips(step, rows, image)
+        self.accounting.count_skips(step, rows, image)
         return StackPart(rows, y, take(text, index))
 
     def _compute(
@@ -167,7 +166,7 @@ class StackRunner:
             y, y_text = self.blocks_run(call, index, x, x_text, None, 0)
             computed_tokens = {k: x.shape[1] for k in members}
         self.after_compute(step, members, rows, index, row_slots, x, y)
-        self.count_computes(step, members, computed_tokens, image.shape[1])
+        self.accounting.count_computes(step, members, computed_tokens, image.shape[1])
         return StackPart(rows, y, y_text, text_known=y_text is not None or text is None)
 
     # ------------------------------------------------------------------ after a real compute
@@ -255,47 +254,6 @@ class StackRunner:
         finally:
             step.running = False
         return image, text
-
-    # ------------------------------------------------------------------ counters
-
-    def _count_full_cost(self, step: StepContext, image: torch.Tensor) -> None:
-        full = self.stack_macs(image.shape[1])
-        for sample, rows in zip(step.samples, step.sample_rows, strict=True):
-            sample.stats.macs_full += full * len(rows)
-
-    def _count_skips(self, step: StepContext, rows: list[int], image: torch.Tensor) -> None:
-        """Counters of samples whose whole stack was forecast or reused (one fused op per number)."""
-        wanted = set(rows)
-        per_row = image.shape[1] * image.shape[2]
-        for sample, sample_rows in zip(step.samples, step.sample_rows, strict=True):
-            if sample_rows[0] in wanted:
-                sample.stats.blocks_approximated += len(self.blocks)
-                sample.stats.macs_computed += per_row * len(sample_rows)
-
-    def count_computes(
-        self, step: StepContext, members: list[int], computed_tokens: dict[int, int], tokens: int
-    ) -> None:
-        """Counters of samples whose whole stack ran (on ``computed_tokens[k]`` of ``tokens`` tokens)."""
-        for k in members:
-            sample = step.samples[k]
-            sample.stats.blocks_computed += len(self.blocks)
-            sample.stats.tokens_computed += computed_tokens[k]
-            sample.stats.tokens_total += tokens
-            sample.stats.macs_computed += self.stack_macs(computed_tokens[k]) * len(step.sample_rows[k])
-
-    def stack_macs(self, tokens: int, stop: int | None = None) -> float:
-        """Measured MACs of blocks ``0..stop`` on one row with ``tokens`` image tokens (BlockCostModel)."""
-        assert self._measure_call is not None
-        call, image, text = self._measure_call
-        full_tokens = image.shape[1]
-        key = (stop, full_tokens, None if text is None else text.shape[1], image.shape[-1], image.dtype)
-
-        def measure(n: int) -> None:
-            first = self.indices.index([0], image.device)
-            positions = torch.arange(n, device=image.device)[None] if self.adapter.needs_shared_positions else None
-            self.blocks_run(call, first, image[:1, :n], None if text is None else text[:1], positions, 0, stop)
-
-        return self.costs.macs(key, tokens, measure, full_tokens)
 
     # ------------------------------------------------------------------ small helpers
 
