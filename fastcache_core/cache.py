@@ -65,6 +65,7 @@ class FastCache:
         self._plain_paired = False
         self._plain_params: CacheParams | Sequence[CacheParams] | None = None
         self._plain_steps: int | None = None
+        self._plain_guidance: float | None = None
         self._plain_counter = 0
         self._step: StepContext | None = None
         self._forward_signature = inspect.signature(transformer.forward)
@@ -101,22 +102,38 @@ class FastCache:
         self._plain_ids = []
         self._plain_last = None
 
-    def set_run(self, params: CacheParams | Sequence[CacheParams] | None = None, num_steps: int | None = None) -> None:
-        """Params (one for all samples, or one per sample) and step count for following plain pipeline calls.
+    def set_run(
+        self,
+        params: CacheParams | Sequence[CacheParams] | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        """Params (one for all samples, or one per sample), step count and guidance scale for following
+        plain pipeline calls.
 
-        Knowing ``num_steps`` lets the last ``config.last_steps`` steps be computed in full.
+        Knowing ``num_steps`` lets the last ``config.last_steps`` steps be computed in full; methods may
+        read both (FastCache's rule does: see ``methods/fastcache.py``).
         """
         self._plain_params = params
         self._plain_steps = num_steps
+        self._plain_guidance = guidance_scale
 
-    def add_sample(self, sample_id: Hashable, params: CacheParams | None = None, num_steps: int | None = None) -> None:
-        """Register a sample for batch-runner use; its rows join the batch through :meth:`bind`."""
+    def add_sample(
+        self,
+        sample_id: Hashable,
+        params: CacheParams | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        """Register a sample for batch-runner use; its rows join the batch through :meth:`bind`.
+
+        ``num_steps`` and ``guidance_scale`` are the sample's run (``None``: unknown)."""
         if sample_id in self._samples:
             raise ValueError(f"sample {sample_id!r} is already registered")
         resolved = (params or CacheParams()).resolved(self.default_params)
         if not self.config.enabled:
             resolved = replace(resolved, method="none")
-        state = SampleState.create(sample_id, resolved, num_steps)
+        state = SampleState.create(sample_id, resolved, num_steps, guidance_scale)
         state.stats = SampleStats(
             sample_id=sample_id,
             method=resolved.method,
@@ -217,6 +234,7 @@ class FastCache:
                 samples.append(row.sample)
                 sample_rows.append([])
                 row.sample.phase = phase_of(t, num_phases)
+                row.sample.time = t
             sample_rows[index_of[sid]].append(row_index)
         self._step = StepContext(rows, samples, sample_rows, times.to(hidden.device))
 
@@ -264,7 +282,7 @@ class FastCache:
             params = self._plain_params
             for i, sample_id in enumerate(self._plain_ids):
                 one = params if params is None or isinstance(params, CacheParams) else params[i]
-                self.add_sample(sample_id, one, self._plain_steps)
+                self.add_sample(sample_id, one, self._plain_steps, self._plain_guidance)
         if self._plain_paired:
             return [(i, 0) for i in self._plain_ids] + [(i, 1) for i in self._plain_ids]
         return [(i, 0) for i in self._plain_ids]

@@ -32,6 +32,8 @@ class SampleState:
     method_params: Any
     method_state: Any
     num_steps: int | None
+    guidance_scale: float | None = None
+    """The sample's classifier-free guidance scale, when its runner said (``None``: unknown)."""
     step: int = 0
     computes: int = 0
     """Real computes of the whole stack so far."""
@@ -39,14 +41,23 @@ class SampleState:
     """Step index of the last real compute (-1 before the first)."""
     phase: int = 0
     """Schedule phase of the current step (set by the cache before each step)."""
+    time: float = 1.0
+    """Normalized time of the current step, 1 at pure noise (set by the cache before each step)."""
     stats: SampleStats = field(default_factory=SampleStats)
 
     @classmethod
-    def create(cls, sample_id: Hashable, params: ResolvedCacheParams, num_steps: int | None) -> SampleState:
+    def create(
+        cls,
+        sample_id: Hashable,
+        params: ResolvedCacheParams,
+        num_steps: int | None,
+        guidance_scale: float | None = None,
+    ) -> SampleState:
         """A new sample running ``params.method`` (from the registry) with its fresh state."""
         method = get_method(params.method)
         method_params = method.params(params)
-        return cls(sample_id, params, method, method_params, method.new_state(method_params), num_steps)
+        state = method.new_state(method_params)
+        return cls(sample_id, params, method, method_params, state, num_steps, guidance_scale)
 
     @property
     def token_plan(self) -> TokenPlan | None:
