@@ -10,7 +10,8 @@ import torch
 from diffusers import DiTPipeline
 
 from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
-from fastcache_core.calibration import FitStatistics, calibrate
+from fastcache_core.calibration import calibrate
+from fastcache_core.calibration_fit import FitStatistics
 from fastcache_core.profile import CALIBRATION_FILENAME, CacheProfile
 
 SETTINGS = dict(
