@@ -7,21 +7,19 @@ one fused operation per output number; error measurements are counted where they
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from fastcache_core.executor import BlockExecutor
 from fastcache_core.stats import BlockCostModel
 from fastcache_core.step import StepContext
 
-if TYPE_CHECKING:
-    from fastcache_core.stack import StackRunner
-
 
 class StepAccounting:
-    """Counters for a ``StackRunner``'s steps (see the module docstring)."""
+    """Counters for a ``BlockExecutor``'s steps (see the module docstring)."""
 
-    def __init__(self, runner: StackRunner) -> None:
+    def __init__(self, runner: BlockExecutor) -> None:
         self.runner = runner
         self.costs = BlockCostModel()
         self._call: tuple[dict[str, Any], torch.Tensor, torch.Tensor | None] | None = None

@@ -7,20 +7,32 @@ pays each block call once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fastcache_core.accounting import StepAccounting
+from fastcache_core.executor import BlockExecutor
 from fastcache_core.rows import StackPart, relative_changes, take
 from fastcache_core.state import gather_rows, write_rows
 from fastcache_core.step import StepContext
 
-if TYPE_CHECKING:
-    from fastcache_core.stack import StackRunner
+
+@dataclass
+class RidingCompute:
+    """The plain computes that rode along: their batch rows, index, slots, stack inputs and outputs."""
+
+    rows: list[int]
+    index: torch.Tensor
+    slots: torch.Tensor
+    inputs: torch.Tensor
+    outputs: torch.Tensor
 
 
 def run_first_block(
-    runner: StackRunner,
+    runner: BlockExecutor,
+    accounting: StepAccounting,
     step: StepContext,
     call: dict[str, Any],
     members: list[int],
@@ -28,8 +40,9 @@ def run_first_block(
     image: torch.Tensor,
     text: torch.Tensor | None,
     slots: torch.Tensor,
-) -> StackPart:
-    """Outputs of the first-block samples ``members`` and the riding ``computing`` samples."""
+) -> tuple[StackPart, RidingCompute | None]:
+    """Outputs of the first-block samples ``members`` and the riding ``computing`` samples, and what the
+    caller needs to finish the riding samples' computes (``None`` without any)."""
     indices = runner.indices
     both = sorted(members + computing)
     rows = [r for k in both for r in step.sample_rows[k]]
@@ -80,46 +93,32 @@ def run_first_block(
             fresh_first = first.index_select(0, fresh)
             write_rows(tail_pool, fresh_slots, None, tail.index_select(0, picked) - fresh_first)
             write_rows(first_pool, fresh_slots, None, fresh_first - x.index_select(0, fresh))
-    if computing:
-        _after_riding_computes(runner, step, computing, rows, local, row_slots, x, y, image.shape[1])
-    _count(runner, step, members, local, reused, image.shape[1])
-    return StackPart(rows, y, y_text, text_known=y_text is not None or text is None)
-
-
-def _after_riding_computes(
-    runner: StackRunner,
-    step: StepContext,
-    computing: list[int],
-    rows: list[int],
-    local: dict[int, int],
-    row_slots: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    tokens: int,
-) -> None:
-    """The bookkeeping of a plain compute for the samples that rode along."""
+    _count(runner, accounting, step, members, local, reused, image.shape[1])
+    part = StackPart(rows, y, y_text, text_known=y_text is not None or text is None)
+    if not computing:
+        return part, None
     c_local = [local[r] for k in computing for r in step.sample_rows[k]]
-    c_sub = runner.indices.index(c_local, x.device)
+    c_sub = indices.index(c_local, x.device)
     c_rows = [rows[i] for i in c_local]
-    c_index = runner.indices.index(c_rows, x.device)
-    runner.after_compute(
-        step,
-        computing,
-        c_rows,
-        c_index,
-        row_slots.index_select(0, c_sub),
-        x.index_select(0, c_sub),
-        y.index_select(0, c_sub),
+    c_slots = row_slots.index_select(0, c_sub)
+    riding = RidingCompute(
+        c_rows, indices.index(c_rows, x.device), c_slots, x.index_select(0, c_sub), y.index_select(0, c_sub)
     )
-    runner.accounting.count_computes(step, computing, {k: tokens for k in computing}, tokens)
+    return part, riding
 
 
 def _count(
-    runner: StackRunner, step: StepContext, members: list[int], local: dict[int, int], reused: set[int], tokens: int
+    runner: BlockExecutor,
+    accounting: StepAccounting,
+    step: StepContext,
+    members: list[int],
+    local: dict[int, int],
+    reused: set[int],
+    tokens: int,
 ) -> None:
     """Counters of the first-block samples; a sample whose tail ran has computed the whole stack."""
-    first_macs = runner.accounting.stack_macs(tokens, stop=1)
-    full_macs = runner.accounting.stack_macs(tokens)
+    first_macs = accounting.stack_macs(tokens, stop=1)
+    full_macs = accounting.stack_macs(tokens)
     blocks = len(runner.blocks)
     for k in members:
         sample = step.samples[k]

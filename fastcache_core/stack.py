@@ -23,61 +23,36 @@ on the batch itself, with no gather or scatter. Index tensors are cached by batc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fastcache_core.accounting import StepAccounting
-from fastcache_core.adapters import TransformerAdapter
-from fastcache_core.config import FastCacheConfig
+from fastcache_core.executor import BlockExecutor
 from fastcache_core.first_block import run_first_block
-from fastcache_core.forecast import StackHistory, projected_error
-from fastcache_core.methods import COMPUTE, FIRST_BLOCK, FORECAST, INPUT_CHANGE, REUSE, MethodContext
-from fastcache_core.profile import CacheProfile
-from fastcache_core.rows import IndexCache, StackPart, relative_changes, take
-from fastcache_core.state import RowPool, SampleState, gather_rows, write_rows
+from fastcache_core.forecast import projected_error
+from fastcache_core.methods import COMPUTE, FIRST_BLOCK, FORECAST, INPUT_CHANGE, REUSE
+from fastcache_core.rows import StackPart, relative_changes, take
+from fastcache_core.state import SampleState, gather_rows, write_rows
 from fastcache_core.step import StepContext
 from fastcache_core.token_selection import TokenSelection
 
 
-class StackRunner:
-    """Executes one step of the block stack for a ``FastCache`` (see the module docstring).
-
-    ``block_callables`` returns what really computes each block (hooks.block_callables).
-    """
-
-    def __init__(
-        self,
-        transformer: torch.nn.Module,
-        adapter: TransformerAdapter,
-        blocks: list[torch.nn.Module],
-        config: FastCacheConfig,
-        profile: CacheProfile,
-        pool: RowPool,
-        history: StackHistory,
-        block_callables: Callable[[], list[Any]],
-    ) -> None:
-        self.transformer = transformer
-        self.adapter = adapter
-        self.blocks = blocks
-        self.config = config
-        self.context = MethodContext(profile=profile, first_steps=config.first_steps)
-        self.pool = pool
-        self.history = history
-        self.block_callables = block_callables
-        self.indices = IndexCache()
-        self.tokens = TokenSelection(self)
-        self.accounting = StepAccounting(self)
-        self._step: StepContext | None = None
+class StackRunner(BlockExecutor):
+    """Executes one step of the block stack for a ``FastCache`` (see the module docstring)."""
 
     # ------------------------------------------------------------------ the step
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens = TokenSelection(self)
+        self.accounting = StepAccounting(self)
 
     @torch.no_grad()
     def run(self, step: StepContext, call: dict[str, Any]) -> Any:
         image, text = self.adapter.split_streams(call)
         slots = self.indices.tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
-        self._step = step
+        self.step = step
         self.accounting.begin(call, image, text)
         modes = self._modes(step, call, image, slots)
         rows_of = {
@@ -96,11 +71,19 @@ class StackRunner:
             parts.append(self._compute(step, call, members_of[COMPUTE], rows_of[COMPUTE], image, text, slots))
         if members_of[FIRST_BLOCK]:
             computing = members_of[COMPUTE] if sharing else []
-            parts.append(run_first_block(self, step, call, members_of[FIRST_BLOCK], computing, image, text, slots))
+            part, riding = run_first_block(
+                self, self.accounting, step, call, members_of[FIRST_BLOCK], computing, image, text, slots
+            )
+            parts.append(part)
+            if riding is not None:
+                self.after_compute(
+                    step, computing, riding.rows, riding.index, riding.slots, riding.inputs, riding.outputs
+                )
+                self.accounting.count_computes(step, computing, {k: image.shape[1] for k in computing}, image.shape[1])
         self.accounting.count_full_cost(step, image)
         out_image, out_text = self._assemble(parts, image, text)
         self.accounting.end()
-        self._step = None
+        self.step = None
         return self.adapter.streams_to_output(out_image, out_text)
 
     def _modes(self, step: StepContext, call: dict[str, Any], image: torch.Tensor, slots: torch.Tensor) -> list[str]:
@@ -196,7 +179,7 @@ class StackRunner:
             gap = sample.step - sample.last_compute if sample.last_compute >= 0 else 1
             sample.computes += 1
             sample.last_compute = sample.step
-            dof = len(step.sample_rows[k]) * y.shape[1] * self._output_width(y)
+            dof = len(step.sample_rows[k]) * y.shape[1] * self.output_width(y)
             sample.method.after_compute(sample, context, errors.get(k), dof, gap)
 
     def _forecast_errors(
@@ -214,11 +197,11 @@ class StackRunner:
         batch_rows = [rows[i] for i in mine]
         times = step.times.index_select(0, self.indices.index(batch_rows, y.device))  # type: ignore[union-attr]
         forecast = self.history.forecast(row_slots.index_select(0, sub), times, self.gains(step, batch_rows, y), y)
-        squared, reference = projected_error(forecast, y.index_select(0, sub), self._projection(y))
+        squared, reference = projected_error(forecast, y.index_select(0, sub), self.projection(y))
         values = torch.stack([squared, reference]).tolist()  # the one host read of this step
         position = {i: j for j, i in enumerate(mine)}
         errors = {}
-        macs = 2 * y.shape[1] * y.shape[2] * self._output_width(y)
+        macs = 2 * y.shape[1] * y.shape[2] * self.output_width(y)
         for k in measured:
             idx = [position[local[r]] for r in step.sample_rows[k]]
             denominator = sum(values[1][j] for j in idx)
@@ -229,52 +212,6 @@ class StackRunner:
     @staticmethod
     def _keeps_inputs(sample: SampleState) -> bool:
         return sample.token_plan is not None or sample.method.keeps_inputs(sample)
-
-    # ------------------------------------------------------------------ blocks
-
-    def blocks_run(
-        self,
-        call: dict[str, Any],
-        index: torch.Tensor | None,
-        image: torch.Tensor,
-        text: torch.Tensor | None,
-        positions: torch.Tensor | None,
-        start: int,
-        stop: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run blocks ``start..stop`` really on the rows ``index`` of the batch (``None``: all rows)."""
-        step = self._step
-        assert step is not None
-        adapter = self.adapter
-        callables = self.block_callables()[start:stop]
-        step.running = True
-        try:
-            for block in callables:
-                image, text = adapter.call_block(block, call, index, image, text, positions)
-        finally:
-            step.running = False
-        return image, text
-
-    # ------------------------------------------------------------------ small helpers
-
-    def gains(self, step: StepContext, rows: list[int], like: torch.Tensor) -> torch.Tensor:
-        """Per-row first-order forecast gains (each row's method decides), as a cached tensor."""
-        context = self.context
-        sample_of = {r: k for k, rs in enumerate(step.sample_rows) for r in rs}
-        gains = tuple(
-            step.samples[sample_of[r]].method.forecast_gain(step.samples[sample_of[r]], context) for r in rows
-        )
-        return self.indices.tensor(gains, like.device, like.dtype)
-
-    def _projection(self, like: torch.Tensor) -> torch.Tensor | None:
-        weight = self.adapter.output_projection(self.transformer)
-        if weight is None or weight.shape[-1] != like.shape[-1]:
-            return None
-        return weight.detach()
-
-    def _output_width(self, like: torch.Tensor) -> int:
-        projection = self._projection(like)
-        return like.shape[-1] if projection is None else projection.shape[0]
 
     def _assemble(
         self, parts: list[StackPart], image: torch.Tensor, text: torch.Tensor | None

@@ -9,10 +9,11 @@ Rows with equal token counts share block calls. The tensor operations live in ``
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from fastcache_core.executor import BlockExecutor
 from fastcache_core.rows import take
 from fastcache_core.state import gather_rows
 from fastcache_core.step import StepContext
@@ -26,14 +27,11 @@ from fastcache_core.tokens import (
     top_tokens,
 )
 
-if TYPE_CHECKING:
-    from fastcache_core.stack import StackRunner
-
 
 class TokenSelection:
-    """Token-selecting computes for a ``StackRunner`` (see the module docstring)."""
+    """Token-selecting computes for a ``BlockExecutor`` (see the module docstring)."""
 
-    def __init__(self, runner: StackRunner) -> None:
+    def __init__(self, runner: BlockExecutor) -> None:
         self.runner = runner
 
     def compute(

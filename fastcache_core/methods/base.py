@@ -18,12 +18,10 @@ Modes the loop knows how to run:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from fastcache_core.config import ResolvedCacheParams
     from fastcache_core.profile import CacheProfile
-    from fastcache_core.state import SampleState
 
 COMPUTE, FORECAST, REUSE, FIRST_BLOCK = "compute", "forecast", "reuse", "first_block"
 MODES = (COMPUTE, FORECAST, REUSE, FIRST_BLOCK)
@@ -55,6 +53,40 @@ class TokenPlan:
         return self.motion_threshold > 0.0 or self.motion_fraction < 1.0
 
 
+class RequestSettings(Protocol):
+    """A request's cache fields as a method reads them, every one set (``config.ResolvedCacheParams``)."""
+
+    @property
+    def tolerance(self) -> float: ...
+    @property
+    def significance(self) -> float: ...
+    @property
+    def motion_threshold(self) -> float: ...
+    @property
+    def motion_fraction(self) -> float: ...
+    @property
+    def merge_ratio(self) -> float: ...
+    @property
+    def max_skip_steps(self) -> int: ...
+
+
+class SampleView(Protocol):
+    """What a method sees of one sample (``state.SampleState``): its run, progress and own state."""
+
+    step: int
+    """Index of the current step."""
+    num_steps: int | None
+    guidance_scale: float | None
+    computes: int
+    """Real computes of the whole stack so far (after a compute: counting it)."""
+    last_compute: int
+    phase: int
+    time: float
+    """Normalized time of the current step (1 = pure noise)."""
+    method_params: Any
+    method_state: Any
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What every method may read besides its sample: the model's calibration and the cache's
@@ -77,7 +109,7 @@ class CacheMethod:
     summary: ClassVar[str] = ""
     """One line for docs, ``--help`` and ``GET /v1/models/{id}``."""
 
-    def params(self, resolved: ResolvedCacheParams) -> Any:
+    def params(self, resolved: RequestSettings) -> Any:
         """This method's own settings, built from a request's resolved ``CacheParams``."""
         return None
 
@@ -90,38 +122,38 @@ class CacheMethod:
         "residual reuse" or "none"."""
         return "none"
 
-    def probe(self, sample: SampleState, context: MethodContext) -> str | None:
+    def probe(self, sample: SampleView, context: MethodContext) -> str | None:
         """A scalar the method needs before it can choose a mode this step (e.g. ``INPUT_CHANGE``)."""
         return None
 
-    def mode(self, sample: SampleState, context: MethodContext, probe: float | None) -> str:
+    def mode(self, sample: SampleView, context: MethodContext, probe: float | None) -> str:
         """The sample's mode at its current step (forced warm-up steps never reach the method)."""
         return COMPUTE
 
-    def reuses_tail(self, sample: SampleState, first_block_change: float) -> bool:
+    def reuses_tail(self, sample: SampleView, first_block_change: float) -> bool:
         """``FIRST_BLOCK`` mode only: whether blocks 1.. are reused, given block 0's relative residual
         change since the sample's last compute of them."""
         return False
 
-    def forecast_gain(self, sample: SampleState, context: MethodContext) -> float:
+    def forecast_gain(self, sample: SampleView, context: MethodContext) -> float:
         """``FORECAST`` mode only: the first-order gain of the forecast (1 = Taylor's first order)."""
         return 1.0
 
-    def token_plan(self, sample: SampleState) -> TokenPlan | None:
+    def token_plan(self, sample: SampleView) -> TokenPlan | None:
         """How real computes select or merge tokens; ``None``: every token runs every block."""
         return None
 
-    def keeps_inputs(self, sample: SampleState) -> bool:
+    def keeps_inputs(self, sample: SampleView) -> bool:
         """Whether real computes must store the stack input (residual reuse needs it)."""
         return False
 
-    def measures_forecast_error(self, sample: SampleState, context: MethodContext) -> bool:
+    def measures_forecast_error(self, sample: SampleView, context: MethodContext) -> bool:
         """Whether the loop measures, at this real compute, the error of the forecast that would have
         been used (one device-to-host read per compute step while any sample asks)."""
         return False
 
     def after_compute(
-        self, sample: SampleState, context: MethodContext, forecast_error: float | None, dof: int, gap: int
+        self, sample: SampleView, context: MethodContext, forecast_error: float | None, dof: int, gap: int
     ) -> None:
         """Called after each real compute of the whole stack (``sample.computes`` counts it already).
 

@@ -32,13 +32,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from fastcache_core.methods.base import COMPUTE, FORECAST, CacheMethod, MethodContext, TokenPlan
+from fastcache_core.methods.base import (
+    COMPUTE,
+    FORECAST,
+    CacheMethod,
+    MethodContext,
+    RequestSettings,
+    SampleView,
+    TokenPlan,
+)
 from fastcache_core.methods.registry import register_method
 
 if TYPE_CHECKING:
-    from fastcache_core.config import ResolvedCacheParams
     from fastcache_core.profile import CacheProfile
-    from fastcache_core.state import SampleState
 
 FIRST_WINDOW = 3
 """The longest forecast window after a sample's first compute (a zero-order reuse window; measured
@@ -156,7 +162,7 @@ class FastCache(CacheMethod):
     )
     summary = "FastCache: per-sample forecast, refreshed by the calibrated rule and its chi-square test"
 
-    def params(self, resolved: ResolvedCacheParams) -> FastCacheParams:
+    def params(self, resolved: RequestSettings) -> FastCacheParams:
         r = resolved
         spatial = r.motion_threshold > 0.0 or r.motion_fraction < 1.0 or r.merge_ratio > 0.0
         tokens = TokenPlan(r.motion_threshold, r.motion_fraction, r.merge_ratio, r.max_skip_steps) if spatial else None
@@ -168,26 +174,26 @@ class FastCache(CacheMethod):
     def approximator(self, profile: CacheProfile) -> str:
         return "fitted forecast" if profile.fitted else "taylor order 1 (uncalibrated)"
 
-    def mode(self, sample: SampleState, context: MethodContext, probe: float | None) -> str:
+    def mode(self, sample: SampleView, context: MethodContext, probe: float | None) -> str:
         if sample.method_params.tolerance <= 0.0 or sample.computes == 0:
             return COMPUTE
         return COMPUTE if sample.step >= sample.method_state.next_compute else FORECAST
 
-    def forecast_gain(self, sample: SampleState, context: MethodContext) -> float:
+    def forecast_gain(self, sample: SampleView, context: MethodContext) -> float:
         return context.profile.gain(sample.phase)
 
-    def token_plan(self, sample: SampleState) -> TokenPlan | None:
+    def token_plan(self, sample: SampleView) -> TokenPlan | None:
         params: FastCacheParams = sample.method_params
         return params.tokens
 
-    def keeps_inputs(self, sample: SampleState) -> bool:
+    def keeps_inputs(self, sample: SampleView) -> bool:
         return sample.method_params.tokens is not None  # token saliency compares with the last input
 
-    def measures_forecast_error(self, sample: SampleState, context: MethodContext) -> bool:
+    def measures_forecast_error(self, sample: SampleView, context: MethodContext) -> bool:
         return context.profile.guard_slack is not None and sample.method_params.tolerance > 0.0 and sample.computes >= 2
 
     def after_compute(
-        self, sample: SampleState, context: MethodContext, forecast_error: float | None, dof: int, gap: int
+        self, sample: SampleView, context: MethodContext, forecast_error: float | None, dof: int, gap: int
     ) -> None:
         p: FastCacheParams = sample.method_params
         state: FastCacheState = sample.method_state

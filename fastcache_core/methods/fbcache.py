@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastcache_core.methods.base import COMPUTE, FIRST_BLOCK, CacheMethod, MethodContext
+from fastcache_core.methods.base import COMPUTE, FIRST_BLOCK, CacheMethod, MethodContext, RequestSettings, SampleView
 from fastcache_core.methods.registry import register_method
 
 if TYPE_CHECKING:
-    from fastcache_core.config import ResolvedCacheParams
     from fastcache_core.profile import CacheProfile
-    from fastcache_core.state import SampleState
 
 
 @dataclass(frozen=True)
@@ -38,16 +36,16 @@ class FirstBlockCache(CacheMethod):
     request_fields = ("tolerance",)
     summary = "First-Block-Cache: reuse blocks 1.. while block 0's residual changes less than tolerance"
 
-    def params(self, resolved: ResolvedCacheParams) -> FirstBlockCacheParams:
+    def params(self, resolved: RequestSettings) -> FirstBlockCacheParams:
         return FirstBlockCacheParams(threshold=resolved.tolerance)
 
     def approximator(self, profile: CacheProfile) -> str:
         return "residual reuse"
 
-    def mode(self, sample: SampleState, context: MethodContext, probe: float | None) -> str:
+    def mode(self, sample: SampleView, context: MethodContext, probe: float | None) -> str:
         return FIRST_BLOCK if sample.method_params.threshold > 0.0 else COMPUTE
 
-    def reuses_tail(self, sample: SampleState, first_block_change: float) -> bool:
+    def reuses_tail(self, sample: SampleView, first_block_change: float) -> bool:
         threshold = sample.method_params.threshold
         return sample.computes > 0 and threshold > 0.0 and first_block_change < threshold
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastcache_core.methods.base import COMPUTE, FORECAST, CacheMethod, MethodContext
+from fastcache_core.methods.base import COMPUTE, FORECAST, CacheMethod, MethodContext, RequestSettings, SampleView
 from fastcache_core.methods.registry import register_method
 
 if TYPE_CHECKING:
-    from fastcache_core.config import ResolvedCacheParams
     from fastcache_core.profile import CacheProfile
-    from fastcache_core.state import SampleState
 
 
 @dataclass(frozen=True)
@@ -46,13 +44,13 @@ class TaylorSeer(CacheMethod):
     request_fields = ("tolerance", "max_skip_steps")
     summary = "TaylorSeer: first-order forecast refreshed every max_skip_steps + 1 steps"
 
-    def params(self, resolved: ResolvedCacheParams) -> TaylorSeerParams:
+    def params(self, resolved: RequestSettings) -> TaylorSeerParams:
         return TaylorSeerParams(enabled=resolved.tolerance > 0.0, interval=resolved.max_skip_steps + 1)
 
     def approximator(self, profile: CacheProfile) -> str:
         return "taylor order 1"
 
-    def mode(self, sample: SampleState, context: MethodContext, probe: float | None) -> str:
+    def mode(self, sample: SampleView, context: MethodContext, probe: float | None) -> str:
         p: TaylorSeerParams = sample.method_params
         if not p.enabled or sample.computes == 0:
             return COMPUTE

@@ -12,13 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastcache_core.methods.base import COMPUTE, INPUT_CHANGE, REUSE, CacheMethod, MethodContext
+from fastcache_core.methods.base import (
+    COMPUTE,
+    INPUT_CHANGE,
+    REUSE,
+    CacheMethod,
+    MethodContext,
+    RequestSettings,
+    SampleView,
+)
 from fastcache_core.methods.registry import register_method
 
 if TYPE_CHECKING:
-    from fastcache_core.config import ResolvedCacheParams
     from fastcache_core.profile import CacheProfile
-    from fastcache_core.state import SampleState
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class TeaCache(CacheMethod):
     request_fields = ("tolerance",)
     summary = "TeaCache: reuse the stack residual while the accumulated input change stays below tolerance"
 
-    def params(self, resolved: ResolvedCacheParams) -> TeaCacheParams:
+    def params(self, resolved: RequestSettings) -> TeaCacheParams:
         return TeaCacheParams(threshold=resolved.tolerance)
 
     def new_state(self, params: TeaCacheParams) -> TeaCacheState:
@@ -65,13 +71,13 @@ class TeaCache(CacheMethod):
     def approximator(self, profile: CacheProfile) -> str:
         return "residual reuse"
 
-    def keeps_inputs(self, sample: SampleState) -> bool:
+    def keeps_inputs(self, sample: SampleView) -> bool:
         return True
 
-    def probe(self, sample: SampleState, context: MethodContext) -> str | None:
+    def probe(self, sample: SampleView, context: MethodContext) -> str | None:
         return INPUT_CHANGE if sample.method_params.threshold > 0.0 else None
 
-    def mode(self, sample: SampleState, context: MethodContext, probe: float | None) -> str:
+    def mode(self, sample: SampleView, context: MethodContext, probe: float | None) -> str:
         state: TeaCacheState = sample.method_state
         threshold = sample.method_params.threshold
         if probe is None or threshold <= 0.0:
