@@ -60,6 +60,9 @@ class TransformerAdapter:
     unsupported_forward_kwargs: tuple[str, ...] = ()
     timestep_scale = 1000.0
     output_projection_name = "proj_out"
+    plain_cond_branch = 0
+    """Which half of a plain pipeline call's guided batch is the conditional one (diffusers' DiT puts
+    it first; PixArt and SD3 put the unconditional half first)."""
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         return list(submodule(transformer, "transformer_blocks").children())
@@ -146,6 +149,7 @@ class DiTAdapter(TransformerAdapter):
 
 
 class PixArtAdapter(TransformerAdapter):
+    plain_cond_branch = 1
     family = "pixart"
     batched_kwargs = ("timestep", "encoder_hidden_states", "encoder_attention_mask", "attention_mask")
 
@@ -176,6 +180,7 @@ class _JointAdapter(TransformerAdapter):
 
 
 class SD3Adapter(_JointAdapter):
+    plain_cond_branch = 1
     family = "sd3"
     unsupported_forward_kwargs = ("block_controlnet_hidden_states", "skip_layers")
 

@@ -160,7 +160,9 @@ class FastCache:
         return self.pool.shrink()
 
     def bind(self, rows: Sequence[RowKey] | None) -> None:
-        """Declare the (sample id, guidance branch) of every row of the next forwards; ``None`` = plain mode."""
+        """Declare the (sample id, guidance branch) of every row of the next forwards; ``None`` = plain mode.
+
+        Branch 0 is the conditional row, 1 the unconditional one (a sample without guidance has only 0)."""
         if rows is not None:
             for sample_id, _ in rows:
                 if sample_id not in self._samples:
@@ -282,7 +284,8 @@ class FastCache:
             params = self._plain_params
             for i, sample_id in enumerate(self._plain_ids):
                 one = params if params is None or isinstance(params, CacheParams) else params[i]
-                self.add_sample(sample_id, one, self._plain_steps, self._plain_guidance)
+                self.add_sample(sample_id, one, self._plain_steps, self._plain_guidance if self._plain_paired else None)
+                self._samples[sample_id].cond_branch = self.adapter.plain_cond_branch
         if self._plain_paired:
             return [(i, 0) for i in self._plain_ids] + [(i, 1) for i in self._plain_ids]
         return [(i, 0) for i in self._plain_ids]

@@ -73,15 +73,29 @@ class StackHistory:
         return inputs + (last_out - last_in)
 
 
-def projected_error(
-    forecast: torch.Tensor, real: torch.Tensor, projection: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, ``||P (forecast - real)||^2`` and ``||P real||^2`` (float32), with ``P`` the model's output
-    projection (``None``: identity). Rows of one sample are summed by the caller."""
+def guided_error(
+    forecast: torch.Tensor,
+    real: torch.Tensor,
+    projection: torch.Tensor | None,
+    guidance_scale: float | None,
+    cond_row: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One sample's forecast error in what the sampler integrates, through the output projection ``P``
+    (``None``: identity): ``||P e||^2`` and ``||P Y_c||^2`` (float32 scalars on the device) and the number
+    of output numbers ``n`` of ``P e``.
+
+    With guidance (two rows, ``cond_row`` the conditional one) ``e = g (Yhat_c - Y_c) + (1 - g) (Yhat_u -
+    Y_u)``: the guided prediction's error, so a sample at high guidance, whose error the sampler
+    amplifies, measures more. Otherwise ``e`` is every row's error (and ``P Y`` every row's).
+    """
     difference = (forecast - real).float()
     reference = real.float()
     if projection is not None:
         weight = projection.float()
         difference = difference @ weight.T
         reference = reference @ weight.T
-    return difference.pow(2).flatten(1).sum(1), reference.pow(2).flatten(1).sum(1)
+    if guidance_scale is not None and difference.shape[0] == 2:
+        g = float(guidance_scale)
+        combined = g * difference[cond_row] + (1.0 - g) * difference[1 - cond_row]
+        return combined.pow(2).sum(), reference[cond_row].pow(2).sum(), combined.numel()
+    return difference.pow(2).sum(), reference.pow(2).sum(), difference.numel()

@@ -4,16 +4,16 @@ Per schedule phase (``num_phases`` equal slices of normalized time, phase 0 at p
 
 * ``forecast_gain``: the first-order gain of the forecaster (1 = Taylor's first order; fitted by
   least squares on uncached runs, kept only when it wins end to end);
-* ``error_floor``: the relative one-step forecast error of uncached runs in the output space, the
-  per-step noise floor the refresh rule subtracts (``methods/fastcache.py``);
+* ``error_floor``: the relative one-step forecast error of uncached runs in the output space (the
+  per-step noise floor; a diagnostic of the fit);
 * ``tolerance_weight``: the typical forecast drift per squared step of the phase, relative to the
-  mean over phases (``metadata["drift_scale"]``): a typical sample then settles at the same horizon in
-  every phase, and one that drifts more than typical refreshes sooner.
+  mean over phases (a diagnostic of the fit).
 
-``metadata`` holds the mean drift per squared step (``drift_scale``: sets the settled horizon), the
-guard's slack, TeaCache's rescaling polynomial, the calibrated default ``CacheParams`` and the
-calibration report. A profile with no tensors is the uncalibrated
-default: unit gain, no floor, unit weights.
+``metadata`` holds the mean drift per squared step at the calibration's step count (``drift_scale``),
+the constants of FastCache's rule (``fastcache_rule``: its window scale in normalized time, the reuse
+velocity of its per-sample test, ...; ``methods/fastcache.py``), TeaCache's rescaling polynomial, the
+calibrated default ``CacheParams`` and the calibration report. A profile with no tensors is the
+uncalibrated default: unit gain, the library's rule constants, no per-sample test.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 
 CALIBRATION_FILENAME = "fastcache_calibration.safetensors"
 PROFILE_TENSORS = ("forecast_gain", "error_floor", "tolerance_weight")
-DEFAULT_GUARD_SLACK: float | None = None  # measured no gain on the bundled model (docs/method.md)
 
 
 def phase_of(normalized_time: float, num_phases: int) -> int:
@@ -56,23 +55,22 @@ class CacheProfile:
         value = self.metadata.get("drift_scale")
         return float(value) if value else None
 
-    @property
-    def guard_slack(self) -> float | None:
-        """How far above a typical sample's drift the chi-square guard's null sits (``None``: no guard,
-        and no forecast error is measured). Uncalibrated models have no drift profile: no guard."""
-        if not self.fitted:
-            return None
-        value = self.metadata.get("guard_slack", DEFAULT_GUARD_SLACK)
-        return None if value is None else float(value)
-
     def gain(self, phase: int) -> float:
+        """The forecast's first-order gain in ``phase`` (1 unless calibration kept a fitted one)."""
         return 1.0 if self.forecast_gain is None else float(self.forecast_gain[phase])
 
-    def floor(self, phase: int) -> float:
-        return 0.0 if self.error_floor is None else float(self.error_floor[phase])
+    @property
+    def rule_constants(self) -> dict[str, Any]:
+        """The calibrated constants of FastCache's rule (``methods.fastcache.FastCacheRule`` fields).
 
-    def weight(self, phase: int) -> float:
-        return 1.0 if self.tolerance_weight is None else float(self.tolerance_weight[phase])
+        A profile written before they existed has only ``drift_scale`` (per squared step at
+        ``num_inference_steps``): its window scale in normalized time is that times the step count
+        squared."""
+        constants = dict(self.metadata.get("fastcache_rule") or {})
+        steps = self.metadata.get("num_inference_steps")
+        if "window_scale" not in constants and self.drift_scale and steps:
+            constants["window_scale"] = self.drift_scale * float(steps) ** 2
+        return constants
 
     def save(self, path: str | Path) -> None:
         """Write the profile to a safetensors file."""

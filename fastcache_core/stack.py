@@ -30,7 +30,7 @@ import torch
 from fastcache_core.accounting import StepAccounting
 from fastcache_core.executor import BlockExecutor
 from fastcache_core.first_block import run_first_block
-from fastcache_core.forecast import projected_error
+from fastcache_core.forecast import guided_error
 from fastcache_core.methods import COMPUTE, FIRST_BLOCK, FORECAST, INPUT_CHANGE, REUSE
 from fastcache_core.rows import StackPart, relative_changes, take
 from fastcache_core.state import SampleState, gather_rows, write_rows
@@ -179,8 +179,8 @@ class StackRunner(BlockExecutor):
             gap = sample.step - sample.last_compute if sample.last_compute >= 0 else 1
             sample.computes += 1
             sample.last_compute = sample.step
-            dof = len(step.sample_rows[k]) * y.shape[1] * self.output_width(y)
-            sample.method.after_compute(sample, context, errors.get(k), dof, gap)
+            error, dof = errors.get(k, (None, len(step.sample_rows[k]) * y.shape[1] * self.output_width(y)))
+            sample.method.after_compute(sample, context, error, dof, gap)
 
     def _forecast_errors(
         self,
@@ -190,22 +190,35 @@ class StackRunner(BlockExecutor):
         local: dict[int, int],
         row_slots: torch.Tensor,
         y: torch.Tensor,
-    ) -> dict[int, float]:
-        """Per sample, ``||P (Y_hat - Y)|| / ||P Y||`` of the forecast that would have been used."""
+    ) -> dict[int, tuple[float, int]]:
+        """Per sample, the relative error of the forecast that would have been used, in what the sampler
+        integrates (``forecast.guided_error``), and the number of output numbers it was measured over."""
         mine = [local[r] for k in measured for r in step.sample_rows[k]]
         sub = self.indices.index(mine, y.device)
         batch_rows = [rows[i] for i in mine]
         times = step.times.index_select(0, self.indices.index(batch_rows, y.device))  # type: ignore[union-attr]
         forecast = self.history.forecast(row_slots.index_select(0, sub), times, self.gains(step, batch_rows, y), y)
-        squared, reference = projected_error(forecast, y.index_select(0, sub), self.projection(y))
-        values = torch.stack([squared, reference]).tolist()  # the one host read of this step
-        position = {i: j for j, i in enumerate(mine)}
-        errors = {}
-        macs = 2 * y.shape[1] * y.shape[2] * self.output_width(y)
+        real = y.index_select(0, sub)
+        projection = self.projection(y)
+        sums: list[torch.Tensor] = []
+        counts: list[int] = []
+        start = 0
         for k in measured:
-            idx = [position[local[r]] for r in step.sample_rows[k]]
-            denominator = sum(values[1][j] for j in idx)
-            errors[k] = math.sqrt(sum(values[0][j] for j in idx) / denominator) if denominator > 0 else math.inf
+            sample, sample_rows = step.samples[k], step.sample_rows[k]
+            cond_row = next((j for j, r in enumerate(sample_rows) if step.rows[r].branch == sample.cond_branch), 0)
+            stop = start + len(sample_rows)
+            error, reference, count = guided_error(
+                forecast[start:stop], real[start:stop], projection, sample.guidance_scale, cond_row
+            )
+            sums.extend((error, reference))
+            counts.append(count)
+            start = stop
+        values = torch.stack(sums).tolist()  # the one host read of this step
+        macs = 2 * y.shape[1] * y.shape[2] * self.output_width(y)
+        errors = {}
+        for n, k in enumerate(measured):
+            error, reference = values[2 * n], values[2 * n + 1]
+            errors[k] = (math.sqrt(error / reference) if reference > 0 else math.inf, counts[n])
             step.samples[k].stats.macs_computed += macs * len(step.sample_rows[k])
         return errors
 

@@ -34,6 +34,8 @@ class SampleState:
     num_steps: int | None
     guidance_scale: float | None = None
     """The sample's classifier-free guidance scale, when its runner said (``None``: unknown)."""
+    cond_branch: int = 0
+    """Which guidance branch of the sample's rows is the conditional one."""
     step: int = 0
     computes: int = 0
     """Real computes of the whole stack so far."""

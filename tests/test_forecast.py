@@ -1,8 +1,9 @@
 """The forecaster extrapolates a sample's own history exactly to first order, on the device."""
 
+import pytest
 import torch
 
-from fastcache_core.forecast import StackHistory, projected_error
+from fastcache_core.forecast import StackHistory, guided_error
 from fastcache_core.state import RowPool
 
 
@@ -55,10 +56,19 @@ def test_residual_reuse_adds_the_last_computed_residual_to_the_new_input():
     torch.testing.assert_close(history.residual_reuse(slots, new_x), new_x + (y - x))
 
 
-def test_projected_error_measures_through_the_output_layer():
+def test_the_error_is_measured_through_the_output_layer():
     forecast, real = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
     projection = torch.tensor([[1.0, 0.0, 0.0]])  # keeps the first feature only
-    squared, reference = projected_error(forecast, real, projection)
-    assert squared.tolist() == [2.0] and reference.tolist() == [2.0]
-    squared, _ = projected_error(forecast, real, None)
-    assert squared.tolist() == [6.0]
+    squared, reference, count = guided_error(forecast, real, projection, None)
+    assert (squared.item(), reference.item(), count) == (2.0, 2.0, 2)
+    squared, _, count = guided_error(forecast, real, None, None)
+    assert (squared.item(), count) == (6.0, 6)
+
+
+def test_with_guidance_the_error_is_the_guided_predictions_error():
+    real = torch.zeros(2, 1, 1)
+    forecast = torch.tensor([[[1.0]], [[0.5]]])  # conditional row off by 1, unconditional by 0.5
+    squared, _, count = guided_error(forecast, real, None, 4.0, cond_row=0)
+    assert squared.item() == pytest.approx((4 * 1.0 - 3 * 0.5) ** 2) and count == 1
+    squared, _, _ = guided_error(forecast, real, None, 4.0, cond_row=1)
+    assert squared.item() == pytest.approx((4 * 0.5 - 3 * 1.0) ** 2)

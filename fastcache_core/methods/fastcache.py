@@ -1,28 +1,33 @@
-"""``fastcache``: FastCache's refresh rule, per sample.
+"""``fastcache``: FastCache's refresh rule, per sample, in the sampler's own time.
 
-Between real computes a sample's stack output is forecast from its own history (``forecast.py``); a
-first-order forecast drifts from the truth like ``c h^2`` over a horizon of ``h`` steps. Calibration
-measures the typical drift of every schedule phase (``CacheProfile``), so the request's tolerance
-``tau`` sets the horizon a typical sample keeps:
+Between real computes a sample's stack output is forecast from its own history (``forecast.py``,
+first order in normalized time). *When* it refreshes decides almost everything, so windows are
+counted in **normalized time** ``p = 1 - t`` (0 at pure noise, 1 at the data), not in steps: measured on
+the bundled models, image quality is then nearly a function of the window alone at 20, 50 and 100
+steps, where a window in steps gives 13 dB at 10 steps and too little saving at 100.
 
-    H = floor(sqrt(tau / drift_scale))
+Per sample (its own times, guidance scale and measurement; nothing from its batch mates):
 
-Measured on the bundled model, *when* to refresh matters more than anything else: gaps of equal length
-from the second step on, with a short first window (the output can only be reused until the second
-compute gives a slope), beat every density profile tried.
+1. **Step 0 computes**, then a zero-order (reuse) window of ``first_window`` (0.06 of the run; the
+   last step at or before it): the second compute gives the first slope.
+2. **The test, at the second compute.** The error of what the sampler integrates, had the first
+   output been reused: with guidance ``g`` and conditional/unconditional rows,
+   ``e0 = || P (g (Yhat_c - Y_c) + (1 - g) (Yhat_u - Y_u)) || / || P Y_c ||`` (``P``: the model's output
+   projection; one row without guidance). A typical sample of the calibration drifts at the reuse
+   velocity ``v``, so ``r = e0 / (v D)`` over the window ``D``. Null hypothesis: the sample drifts like a
+   typical one, its ``n`` output numbers N(0, (v D ||P Y_c||)^2 / n), so ``n r^2 ~ chi2(n)``; it is
+   accepted at significance ``alpha`` when ``n r^2 <= chi2_{1-alpha}(n)``.
+3. **The window.** A typical sample at tolerance ``tau`` keeps ``h_tau = sqrt(tau / window_scale)``
+   (``window_scale``: the calibrated first-order drift per squared unit of normalized time, so ``tau`` is
+   the relative drift of a typical sample's forecast at the end of its window). A sample the test
+   rejects (high guidance, a hard prompt) keeps ``h = h_tau * max(r^-beta, min_factor)``; the window is
+   then fixed for the rest of the run (measured: every later change of window costs 3-8 dB at equal
+   MACs, because the first-order slope is a secant over the previous window).
+4. **Refresh every ``h``**: the next compute is the step nearest to ``p_last + h`` (spacing of the next
+   step estimated from the last one; exact for uniform schedules), at most ``max_skip_steps + 1``
+   steps later.
 
-At every real compute the forecast that *would* have been used is compared with the real output in the
-transformer's output space (what the sampler integrates): ``e = ||P (Y_hat - Y)|| / ||P Y||``. Part of
-``e`` is the model's per-step noise floor ``f``; the drift is ``d = sqrt(max(e^2 - f^2, 0))``. The
-chi-square test then guards each sample. Null hypothesis: the drift is noise of the relative scale a
-typical sample shows at this phase and gap, ``s = slack * tau * w_phase * (gap / H)^2``; each of the
-``n`` output numbers of the difference is N(0, (s ||P Y||)^2 / n), so ``n d^2 / s^2 ~ chi2(n)`` and the
-test accepts at significance ``alpha`` when
-
-    n d^2 / s^2 <= chi2_{1-alpha}(n).
-
-A sample whose drift fails the test refreshes sooner, by the first-order law ``h = H sqrt(limit / d)``
-(``limit``: the largest drift the test accepts). Every decision uses the sample's own numbers only.
+The calibrated constants live in the model's profile (``CacheProfile.fastcache_rule``).
 """
 
 from __future__ import annotations
@@ -46,9 +51,38 @@ from fastcache_core.methods.registry import register_method
 if TYPE_CHECKING:
     from fastcache_core.profile import CacheProfile
 
-FIRST_WINDOW = 3
-"""The longest forecast window after a sample's first compute (a zero-order reuse window; measured
-best on the bundled model for every settled horizon from 3 to 6)."""
+_EPS = 1e-6  # times arrive as float32
+
+
+@dataclass(frozen=True)
+class FastCacheRule:
+    """The model-level constants of FastCache's rule (calibrated; see the module docstring).
+
+    Args:
+        first_window: the reuse window after the first compute, in normalized time. Default ``0.06``.
+        window_scale: typical first-order forecast drift per squared unit of normalized time; sets
+            ``h_tau = sqrt(tau / window_scale)``. Default ``9.7`` (the digits model's).
+        reuse_velocity: ``v``, a typical sample's relative reuse error per unit of normalized time at the
+            calibration guidance; ``None`` switches the per-sample test off. Default ``None``.
+        guidance_exponent: ``beta`` of the window factor ``r^-beta`` of a rejected sample. Default ``0.37``.
+        min_factor: the shortest window factor. Default ``0.1``.
+    """
+
+    first_window: float = 0.06
+    window_scale: float = 9.7
+    reuse_velocity: float | None = None
+    guidance_exponent: float = 0.37
+    min_factor: float = 0.1
+
+    @classmethod
+    def of(cls, profile: CacheProfile) -> FastCacheRule:
+        """The rule a model's profile calibrated (library defaults for what it lacks)."""
+        known = {name: value for name, value in profile.rule_constants.items() if name in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def window(self, tolerance: float) -> float:
+        """``h_tau``: a typical sample's window at ``tolerance`` (normalized time)."""
+        return math.sqrt(max(tolerance, 0.0) / self.window_scale)
 
 
 @dataclass(frozen=True)
@@ -56,9 +90,9 @@ class FastCacheParams:
     """FastCache's settings for one sample (the request's ``cache`` fields, as FastCache reads them).
 
     Args:
-        tolerance: tau, the relative forecast drift (in the transformer's output space, beyond the
-            model's per-step noise floor) accepted; sets the horizon. ``0`` computes every step.
-        significance: alpha of the chi-square test on each sample's measured drift.
+        tolerance: tau, the relative drift of a typical sample's forecast at the end of its window;
+            sets the window. ``0`` computes every step.
+        significance: alpha of the per-sample chi-square test.
         max_skip_steps: the most consecutive forecast steps between two real computes.
         tokens: token selection and merging of real computes, or ``None`` (every token computes).
     """
@@ -71,14 +105,22 @@ class FastCacheParams:
 
 @dataclass
 class FastCacheState:
-    """One sample's refresh bookkeeping."""
+    """One sample's refresh bookkeeping (progress = 1 - normalized time)."""
 
-    next_compute: int = 0
-    """Step index of the next real compute."""
-    last_error: float | None = None
-    """Relative forecast error measured at the last real compute (``None`` before there was one)."""
-    rejections: int = 0
-    """How often the chi-square test shortened this sample's horizon."""
+    target: float = 0.0
+    """Progress at which the next real compute is due."""
+    nearest: bool = False
+    """Whether the next compute is the step nearest to ``target`` (else the last one at or before it)."""
+    first_progress: float = 0.0
+    """Progress at the first real compute."""
+    seen_progress: float | None = None
+    """Progress of the latest step seen (the next step's spacing is estimated from it)."""
+    window: float | None = None
+    """The sample's window once the test decided it (normalized time)."""
+    drift_ratio: float | None = None
+    """``r``: the sample's measured reuse drift relative to a typical sample's."""
+    rejected: bool = False
+    """Whether the test rejected the null (the sample drifts more than typical)."""
 
 
 @lru_cache(maxsize=4096)
@@ -93,59 +135,32 @@ def chi_square_quantile(probability: float, dof: int) -> float:
     return float(chi2.ppf(probability, dof))
 
 
-def max_accepted_error(scale: float, significance: float, dof: int) -> float:
-    """The largest relative error the chi-square test accepts as noise of relative scale ``scale``."""
-    if scale <= 0.0:
-        return -1.0  # nothing is accepted: even an exact forecast is rejected
-    return scale * math.sqrt(chi_square_quantile(1.0 - significance, dof) / dof)
+def accepts_typical_drift(drift_ratio: float, significance: float, dof: int) -> bool:
+    """The chi-square test: is a measured drift ``r`` times the typical one still noise of the typical
+    scale? (``n r^2 <= chi2_{1-alpha}(n)`` over ``n = dof`` output numbers)."""
+    return dof * drift_ratio * drift_ratio <= chi_square_quantile(1.0 - significance, dof)
 
 
-def drift_above_floor(error: float, floor: float) -> float:
-    """The part of a forecast error above the per-step noise floor (they add in quadrature)."""
-    return math.sqrt(max(error * error - floor * floor, 0.0))
+def window_factor(drift_ratio: float, rule: FastCacheRule) -> float:
+    """How much shorter a rejected sample's window is: ``r^-beta``, within ``[min_factor, 1]``."""
+    if drift_ratio <= 0.0:
+        return 1.0
+    factor: float = drift_ratio ** (-rule.guidance_exponent)
+    return max(rule.min_factor, min(1.0, factor))
 
 
-def settled_horizon(tolerance: float, drift_scale: float | None, max_skip_steps: int) -> int:
-    """``H``: the longest whole number of steps at which a typical sample's drift ``drift_scale * H^2``
-    stays within ``tolerance``; 1 for tolerance 0, 2 without a calibrated drift scale; at most
-    ``max_skip_steps + 1``. Whole numbers because mixing gap lengths to reach fractional averages
-    measured worse than the shorter whole gap alone on the bundled model."""
-    if tolerance <= 0.0:
-        return 1
-    # a small allowance so that tolerances written as drift_scale * h^2, rounded, still reach h
-    horizon = math.floor(math.sqrt(tolerance / drift_scale) + 1e-3) if drift_scale else 2
-    return max(1, min(max_skip_steps + 1, horizon))
-
-
-def fastcache_gap(
-    state: FastCacheState,
-    computes: int,
-    horizon: int,
-    error: float | None,
-    floor: float,
-    allowance: float,
-    significance: float,
-    dof: int,
-    gap: int,
-) -> int:
-    """FastCache's rule: steps from this real compute to the next one.
-
-    ``computes`` counts this compute already. ``horizon`` is the settled ``H``; ``error`` the relative
-    forecast error measured at this compute (``None`` before two earlier computes existed), ``floor``
-    the phase's noise floor, ``allowance`` the typical drift scale at horizon ``H`` for this phase
-    (``slack * tau * w_phase``; ``<= 0`` switches the test off) and ``gap`` the steps since the
-    previous compute.
-    """
-    if computes <= 1:  # the next window can only reuse the output: keep it short
-        return max(1, min(FIRST_WINDOW, horizon - 1))
-    if error is None or allowance <= 0.0:
-        return horizon
-    limit = max_accepted_error(allowance * (gap / horizon) ** 2, significance, dof)
-    drift = drift_above_floor(error, floor)
-    if drift <= limit:
-        return horizon
-    state.rejections += 1
-    return max(1, min(horizon, math.floor(horizon * math.sqrt(limit / drift))))
+def due(progress: float, previous: float | None, target: float, nearest: bool) -> bool:
+    """Whether the step at ``progress`` is the one to compute for a window ending at ``target``: the
+    step nearest to it (ties go to the later step), or the last step at or before it; the next step's
+    progress is estimated from the spacing since ``previous``."""
+    if progress >= target - _EPS:
+        return True
+    if previous is None or progress <= previous:
+        return False
+    upcoming = progress + (progress - previous)
+    if nearest:
+        return upcoming >= target and target - progress < upcoming - target
+    return upcoming > target + _EPS
 
 
 class FastCache(CacheMethod):
@@ -160,7 +175,7 @@ class FastCache(CacheMethod):
         "merge_ratio",
         "max_skip_steps",
     )
-    summary = "FastCache: per-sample forecast, refreshed by the calibrated rule and its chi-square test"
+    summary = "FastCache: per-sample forecast, windows in sampler time, a chi-square test per sample"
 
     def params(self, resolved: RequestSettings) -> FastCacheParams:
         r = resolved
@@ -175,9 +190,15 @@ class FastCache(CacheMethod):
         return "fitted forecast" if profile.fitted else "taylor order 1 (uncalibrated)"
 
     def mode(self, sample: SampleView, context: MethodContext, probe: float | None) -> str:
-        if sample.method_params.tolerance <= 0.0 or sample.computes == 0:
+        state: FastCacheState = sample.method_state
+        params: FastCacheParams = sample.method_params
+        progress = 1.0 - sample.time
+        previous, state.seen_progress = state.seen_progress, progress
+        if params.tolerance <= 0.0 or sample.computes == 0:
             return COMPUTE
-        return COMPUTE if sample.step >= sample.method_state.next_compute else FORECAST
+        if sample.step - sample.last_compute > params.max_skip_steps:
+            return COMPUTE
+        return COMPUTE if due(progress, previous, state.target, state.nearest) else FORECAST
 
     def forecast_gain(self, sample: SampleView, context: MethodContext) -> float:
         return context.profile.gain(sample.phase)
@@ -190,31 +211,32 @@ class FastCache(CacheMethod):
         return sample.method_params.tokens is not None  # token saliency compares with the last input
 
     def measures_forecast_error(self, sample: SampleView, context: MethodContext) -> bool:
-        return context.profile.guard_slack is not None and sample.method_params.tolerance > 0.0 and sample.computes >= 2
+        # the test runs once, at the second compute (``computes`` does not count this one yet)
+        velocity = context.profile.rule_constants.get("reuse_velocity")
+        return velocity is not None and sample.method_params.tolerance > 0.0 and sample.computes == 1
 
     def after_compute(
         self, sample: SampleView, context: MethodContext, forecast_error: float | None, dof: int, gap: int
     ) -> None:
-        p: FastCacheParams = sample.method_params
+        params: FastCacheParams = sample.method_params
         state: FastCacheState = sample.method_state
-        profile = context.profile
-        if forecast_error is not None:
-            state.last_error = forecast_error
-        horizon = settled_horizon(p.tolerance, profile.drift_scale, p.max_skip_steps)
-        slack = profile.guard_slack
-        allowance = 0.0 if slack is None else slack * p.tolerance * profile.weight(sample.phase)
-        gap_to_next = fastcache_gap(
-            state,
-            sample.computes,
-            horizon,
-            forecast_error,
-            profile.floor(sample.phase),
-            allowance,
-            p.significance,
-            dof,
-            gap,
-        )
-        state.next_compute = sample.step + gap_to_next
+        rule = FastCacheRule.of(context.profile)
+        progress = 1.0 - sample.time
+        state.seen_progress = progress
+        typical = rule.window(params.tolerance)
+        if sample.computes == 1:
+            state.first_progress = progress
+            state.target, state.nearest = progress + min(rule.first_window, typical), False
+            return
+        if state.window is None:
+            state.window = typical
+            elapsed = progress - state.first_progress
+            if forecast_error is not None and rule.reuse_velocity and elapsed > 0.0:
+                state.drift_ratio = forecast_error / (rule.reuse_velocity * elapsed)
+                state.rejected = not accepts_typical_drift(state.drift_ratio, params.significance, dof)
+                if state.rejected:
+                    state.window = typical * window_factor(state.drift_ratio, rule)
+        state.target, state.nearest = progress + state.window, True
 
 
 FASTCACHE = register_method(FastCache())
