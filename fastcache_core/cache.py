@@ -130,7 +130,11 @@ class FastCache:
         ``num_steps`` and ``guidance_scale`` are the sample's run (``None``: unknown)."""
         if sample_id in self._samples:
             raise ValueError(f"sample {sample_id!r} is already registered")
-        resolved = (params or CacheParams()).resolved(self.default_params)
+        params = params or CacheParams()
+        # the model's defaults are calibrated for its default method: another method's omitted fields
+        # take the library defaults (a FastCache tolerance is no TeaCache threshold)
+        same_method = params.method in (None, self.default_params.method)
+        resolved = params.resolved(self.default_params if same_method else None)
         if not self.config.enabled:
             resolved = replace(resolved, method="none")
         state = SampleState.create(sample_id, resolved, num_steps, guidance_scale)

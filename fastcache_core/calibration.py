@@ -9,11 +9,15 @@
    points. Memory holds one small window per batch row: it does not grow with steps or blocks.
 2. **Profile.** The one-step error is the phase's noise floor; the error above it grows like
    ``drift * h^2``; the mean drift sets the horizon a tolerance asks for, and each phase's tolerance
-   weight is its drift relative to the mean (the guard's null: how a typical sample drifts there).
-3. **Tune end to end.** FastCache runs a sweep of tolerances for each candidate rule setting
-   (chi-square guard slack or no guard, fitted or unit gain) on fresh seeds; the setting with the best mean PSNR over
-   matched compute budgets is kept, and the default tolerance is the one that computes least while
-   its mean PSNR against the uncached images stays at least ``target_psnr`` dB.
+   weight is its drift relative to the mean; the mean drift per squared step times the step count
+   squared is the window scale of FastCache's rule in normalized time.
+3. **Tune end to end, on a grid** (``calibration_tune.py``): measure the reuse velocity of FastCache's
+   per-sample test, then sweep rule variants (test on/off, unit/fitted gain) x tolerances over a grid
+   of step counts and guidance scales on tuning seeds; keep the variant and default tolerance that
+   compute least while every cell keeps ``target_psnr`` (mean) and ``floor_psnr`` (worst image).
+
+Seeds: the fit uses ``seed`` (default 10,000) and up, the tuning ``seed + 10,000`` and up; benchmarks
+use seeds from 0, so no benchmark image was seen by calibration.
 
 The profile is saved as ``fastcache_calibration.safetensors`` next to the transformer, where
 ``apply_fastcache`` finds it. ``fastcache-calibrate MODEL_DIR`` runs all of it from the shell.
@@ -21,7 +25,6 @@ The profile is saved as ``fastcache_calibration.safetensors`` next to the transf
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +36,15 @@ from tqdm.auto import tqdm
 
 from fastcache_core.adapters import adapter_for
 from fastcache_core.calibration_fit import FitStatistics, StreamingRecorder
+from fastcache_core.calibration_tune import (
+    DEFAULT_WINDOWS,
+    UNCAPPED_SKIP_STEPS,
+    format_grid,
+    reuse_velocity,
+    rule_variants,
+    sweep_grid,
+)
 from fastcache_core.profile import CALIBRATION_FILENAME, CacheProfile
-
-DEFAULT_HORIZONS = (2, 3, 4, 5, 6, 7, 8)
-DEFAULT_GUARD_SLACKS: tuple[float | None, ...] = (2.0, None)
-"""Guard settings the sweep compares (``None``: no guard)."""
-BUDGETS = (0.2, 0.3, 0.4)
-"""MAC fractions at which candidate rule settings are compared (interpolated PSNR)."""
 
 
 @dataclass
@@ -55,9 +60,10 @@ class CalibrationReport:
     """Typical forecast drift per squared step in each phase (the tolerance weights, unnormalized)."""
     teacache_coefficients: list[float] = field(default_factory=list)
     rule: dict[str, Any] = field(default_factory=dict)
-    """The chosen guard slack and gain mode."""
+    """The chosen rule: variant (test on/off, gain), its constants and its grid summary."""
     default_params: dict[str, Any] = field(default_factory=dict)
-    tolerance_sweep: list[dict[str, Any]] = field(default_factory=list)
+    grid_sweep: list[dict[str, Any]] = field(default_factory=list)
+    """Every variant x tolerance x grid cell the tuning ran."""
 
 
 def pipeline_inputs(pipe: Any, prompts: Sequence[Any]) -> dict[str, Any]:
@@ -92,13 +98,14 @@ def calibrate(
     guidance_scale: float | None = None,
     num_phases: int = 10,
     max_gap: int = 6,
-    seed: int = 0,
+    seed: int = 10_000,
     tune_defaults: bool = True,
-    target_psnr: float = 40.0,
-    horizons: Sequence[int] = DEFAULT_HORIZONS,
-    guard_slacks: Sequence[float | None] = DEFAULT_GUARD_SLACKS,
+    target_psnr: float = 38.0,
+    floor_psnr: float = 31.0,
+    windows: Sequence[float] = DEFAULT_WINDOWS,
+    grid_steps: Sequence[int] = (20, 50, 100),
+    grid_guidance: Sequence[float] | None = None,
     tune_samples: int = 8,
-    max_skip_steps: int = 8,
     save_to: str | Path | bool | None = None,
     progress: bool = True,
 ) -> tuple[CacheProfile, CalibrationReport]:
@@ -109,14 +116,15 @@ def calibrate(
         num_samples: images generated for the streamed fit.
         num_phases: slices of normalized time with their own coefficients.
         max_gap: the longest forecast distance (steps) the fit sees; the window kept per row.
-        tune_defaults: sweep the rule settings and tolerances end to end on ``tune_samples`` fresh
-            seeds (below) and store the default tolerance; without it only the fit is stored.
-        target_psnr: the default tolerance is the one that computes least while the sweep's mean PSNR
-            against uncached images stays at least this many dB.
-        horizons: the sweep's tolerances, given as the horizons a typical sample settles at
-            (``tolerance = drift_scale * h^2``).
-        guard_slacks: the chi-square guard settings the sweep compares (``None``: no guard).
-        max_skip_steps: the longest run of forecast steps in the default params.
+        seed: the fit's first seed; the tuning images use ``seed + 10_000`` and up.
+        tune_defaults: measure the test's reuse velocity and sweep rule variants x tolerances over
+            the grid on ``tune_samples`` tuning images, and store the default; without it only the fit.
+        target_psnr: every grid cell's mean PSNR against uncached images the default must keep.
+        floor_psnr: every grid cell's worst image the default must keep.
+        windows: the sweep's tolerances, as the windows (normalized time) a typical sample keeps.
+        grid_steps: step counts of the tuning grid.
+        grid_guidance: guidance scales of the tuning grid (default: ``guidance_scale`` and 4, or 2 and
+            4 when ``guidance_scale`` is 4).
         save_to: file to write; ``None`` (default): ``<transformer dir>/fastcache_calibration.safetensors``
             when the transformer was loaded from a directory; ``False``: not saved.
 
@@ -165,20 +173,24 @@ def calibrate(
     profile = CacheProfile(
         num_phases, forecast_gain=None, error_floor=floor, tolerance_weight=weights, metadata=metadata
     )
+    if drift_scale is not None:
+        metadata["fastcache_rule"] = {"window_scale": drift_scale * num_inference_steps**2}
     if tune_defaults and drift_scale is not None:
         tune_prompts = [prompts[i % len(prompts)] for i in range(tune_samples)]
-        tolerances = sorted({round(drift_scale * h * h, 6) for h in horizons if drift_scale * h * h <= 1.0})
+        guidance = guidance_scale if guidance_scale is not None else 0.0
+        cells_guidance = grid_guidance or ((guidance, 4.0) if guidance != 4.0 else (2.0, 4.0))
         profile = _tune(
             pipe,
             profile,
             gains,
             tune_prompts,
-            call_args,
             report,
-            tolerances,
-            guard_slacks,
+            num_inference_steps,
+            guidance_scale,
+            [(s, g) for g in cells_guidance for s in grid_steps],
+            windows,
             target_psnr,
-            max_skip_steps,
+            floor_psnr,
             seed + 10_000,
             progress,
         )
@@ -203,83 +215,61 @@ def _tune(
     base: CacheProfile,
     gains: torch.Tensor,
     prompts: list[Any],
-    call_args: dict[str, Any],
     report: CalibrationReport,
-    tolerances: Sequence[float],
-    guard_slacks: Sequence[float | None],
+    steps: int,
+    guidance: float | None,
+    cells: list[tuple[int, float]],
+    windows: Sequence[float],
     target_psnr: float,
-    max_skip_steps: int,
+    floor_psnr: float,
     seed: int,
     progress: bool,
 ) -> CacheProfile:
-    """Sweep rule settings x tolerances end to end; keep the best setting and the default tolerance."""
+    """Measure the test's reuse velocity, sweep the grid, keep the chosen variant and default."""
     from fastcache_core.cache import apply_fastcache
     from fastcache_core.config import CacheParams, FastCacheConfig
-    from fastcache_core.quality import mean_finite, psnr
 
     inputs = pipeline_inputs(pipe, prompts)
-    reference = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images
-    gain_modes: dict[str, torch.Tensor | None] = {"unit": None, "fitted": gains}
-    candidates = list(itertools.product(guard_slacks, gain_modes))
-    sweeps: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    runs = [(c, t) for c in candidates for t in sorted(tolerances)]
-    for (slack, gain_mode), tolerance in tqdm(runs, desc="rule sweep", disable=not progress):
-        profile = _variant(base, gain_modes[gain_mode], slack)
-        params = CacheParams(method="fastcache", tolerance=tolerance, max_skip_steps=max_skip_steps)
+
+    def run(cell_steps: int, cell_guidance: float, profile: CacheProfile | None, tolerance: float) -> Any:
+        call = {"num_inference_steps": cell_steps, "output_type": "pt"}
+        if cell_guidance:
+            call["guidance_scale"] = cell_guidance
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        if profile is None:
+            return pipe(**inputs, generator=generators, **call).images, []
+        params = CacheParams(method="fastcache", tolerance=tolerance, max_skip_steps=UNCAPPED_SKIP_STEPS)
         cache = apply_fastcache(pipe.transformer, FastCacheConfig(calibration=profile, params=params))
         try:
-            cache.set_run(num_steps=call_args["num_inference_steps"])
-            images = pipe(**inputs, generator=torch.Generator().manual_seed(seed), **call_args).images
-            stats = cache.stats()
+            cache.set_run(num_steps=cell_steps, guidance_scale=cell_guidance or None)
+            images = pipe(**inputs, generator=generators, **call).images
+            return images, cache.stats()
         finally:
             cache.remove()
-        sweeps.setdefault((slack, gain_mode), []).append(
-            {
-                "guard_slack": slack,
-                "gain": gain_mode,
-                "tolerance": tolerance,
-                "psnr_db": mean_finite(psnr(images, reference)),
-                "mac_fraction": float(np.mean([s.mac_fraction for s in stats])),
-            }
-        )
-    best = max(sweeps, key=lambda c: _mean_psnr_at_budgets(sweeps[c]))
-    slack, gain_mode = best
-    rows = sweeps[best]
-    good = [r for r in rows if r["psnr_db"] >= target_psnr]
-    chosen = (
-        min(good, key=lambda r: (round(r["mac_fraction"], 3), -r["psnr_db"]))
-        if good
-        else max(rows, key=lambda r: r["psnr_db"])
-    )
-    report.rule = {"guard_slack": slack, "gain": gain_mode}
-    report.default_params = {"method": "fastcache", "tolerance": chosen["tolerance"], "max_skip_steps": max_skip_steps}
-    report.tolerance_sweep = [r for c in candidates for r in sweeps[c]]
-    tuned = _variant(base, gain_modes[gain_mode], slack)
+
+    window_scale = base.rule_constants["window_scale"]
+    typical = window_scale * 0.14**2
+    velocity = reuse_velocity(run, base, steps, guidance or 0.0, min(1.0, typical))
+    tolerances = sorted({round(window_scale * h * h, 6) for h in windows if window_scale * h * h <= 1.0})
+    variants = rule_variants(base, gains, velocity)
+    sweep = sweep_grid(run, variants, tolerances, cells, target_psnr, floor_psnr, progress)
+    chosen = sweep.chosen
+    tuned = variants[chosen["variant"]]
+    report.rule = {**chosen, "constants": tuned.metadata["fastcache_rule"], "measured_reuse_velocity": velocity}
+    report.default_params = {
+        "method": "fastcache",
+        "tolerance": chosen["tolerance"],
+        "max_skip_steps": UNCAPPED_SKIP_STEPS,
+    }
+    report.grid_sweep = sweep.rows
     tuned.metadata.update(
         default_params=report.default_params,
         target_psnr=target_psnr,
+        floor_psnr=floor_psnr,
         rule=report.rule,
-        tolerance_sweep=report.tolerance_sweep,
+        grid_sweep=report.grid_sweep,
     )
     return tuned
-
-
-def _variant(base: CacheProfile, gains: torch.Tensor | None, guard_slack: float | None) -> CacheProfile:
-    return CacheProfile(
-        base.num_phases,
-        forecast_gain=gains,
-        error_floor=base.error_floor,
-        tolerance_weight=base.tolerance_weight,
-        metadata={**base.metadata, "guard_slack": guard_slack},
-    )
-
-
-def _mean_psnr_at_budgets(rows: list[dict[str, Any]]) -> float:
-    """Mean PSNR of a sweep interpolated at ``BUDGETS`` (clamped to the sweep's range)."""
-    points = sorted((r["mac_fraction"], r["psnr_db"]) for r in rows)
-    x = np.array([p[0] for p in points])
-    y = np.array([p[1] for p in points])
-    return float(np.mean([np.interp(b, x, y) for b in BUDGETS]))
 
 
 def _default_save_path(transformer: torch.nn.Module) -> Path | None:
@@ -293,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     """``fastcache-calibrate MODEL_DIR``: calibrate a local diffusers pipeline directory."""
     import argparse
     import json
+    import sys
 
     from diffusers import DiffusionPipeline
 
@@ -309,8 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target-psnr",
         type=float,
-        default=40.0,
-        help="the default tolerance keeps at least this PSNR against uncached images (40)",
+        default=38.0,
+        help="every grid cell's mean PSNR against uncached images the default keeps (38)",
+    )
+    parser.add_argument("--floor-psnr", type=float, default=31.0, help="every grid cell's worst image (31)")
+    parser.add_argument("--grid-steps", default="20,50,100", help="step counts of the tuning grid (20,50,100)")
+    parser.add_argument(
+        "--grid-guidance", default=None, help="guidance scales of the tuning grid (default: --guidance-scale and 4)"
     )
     parser.add_argument("--tune-samples", type=int, default=8, help="images of the sweep (8)")
     parser.add_argument("--no-tune", action="store_true", help="fit only; no end-to-end sweep")
@@ -339,11 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         target_psnr=args.target_psnr,
+        floor_psnr=args.floor_psnr,
+        grid_steps=[int(v) for v in args.grid_steps.split(",")],
+        grid_guidance=[float(v) for v in args.grid_guidance.split(",")] if args.grid_guidance else None,
         tune_samples=args.tune_samples,
         tune_defaults=not args.no_tune,
         save_to=args.out,
     )
     target = args.out or Path(args.model) / "transformer" / CALIBRATION_FILENAME
+    if report.rule:
+        chosen = report.rule
+        print(f"grid fitted ({chosen['variant']}, tolerance {chosen['tolerance']:g}):", file=sys.stderr)
+        print(format_grid(report.grid_sweep, chosen["variant"], chosen["tolerance"]), file=sys.stderr)
     print(
         json.dumps(
             {

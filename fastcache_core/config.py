@@ -32,14 +32,14 @@ class CacheParams:
         method: a registered method (``fastcache_core.methods``): ``"fastcache"`` (the default),
             ``"none"``, or a per-sample peer: ``"taylorseer"``, ``"teacache"``, ``"fbcache"``. Each
             method reads the fields it names in ``request_fields`` and ignores the others.
-        tolerance: tau. For ``fastcache``: the relative forecast drift (in the transformer's output
-            space, beyond the model's calibrated per-step noise floor) accepted as noise by the
-            chi-square test at each real compute; larger values refresh less often. ``0`` computes
-            every step. For ``teacache`` and ``fbcache`` it is their threshold (accumulated rescaled
-            change, first-block residual change); for ``taylorseer`` any value above 0 enables it.
-            Range [0, 1].
-        significance: alpha, the significance level of the chi-square test: the probability of
-            shortening the horizon of a sample whose drift really is noise of scale tau. Range (0, 0.5].
+        tolerance: tau. For ``fastcache``: the relative drift of a typical sample's first-order forecast
+            (in what the sampler integrates) at the end of its window; it sets the window in the
+            sampler's normalized time, ``sqrt(tau / window_scale)``, the same at any step count.
+            Larger values refresh less often; ``0`` computes every step. For ``teacache`` and
+            ``fbcache`` it is their threshold (accumulated rescaled change, first-block residual
+            change); for ``taylorseer`` any value above 0 enables it. Range [0, 1].
+        significance: alpha of FastCache's per-sample chi-square test: the probability of shortening
+            the window of a sample that drifts like a typical one. Range (0, 0.5].
         motion_threshold: spatial token selection. At a real compute, a token whose relative change
             since the sample's last real compute is below this value is *static*: it skips the blocks
             and takes the forecast. ``0`` disables token selection. Range [0, 1].
@@ -51,6 +51,9 @@ class CacheParams:
         max_skip_steps: the most consecutive forecast steps between two real computes (for
             ``taylorseer``: exactly this many, i.e. its cache interval is ``max_skip_steps + 1``); also
             the most consecutive computes a static token may skip. Range [1, 100].
+
+    A request that leaves a field out gets the model's calibrated default when it runs the model's
+    default method, else the library default (``DEFAULT_PARAMS``).
     """
 
     method: str | None = None

@@ -29,6 +29,9 @@ class SampleStats:
     tokens_total: int = 0
     macs_computed: float = 0.0
     macs_full: float = 0.0
+    details: dict[str, float] = field(default_factory=dict)
+    """What the method measured and decided for this sample (FastCache: ``window``, the refresh window
+    in normalized time, and ``drift_ratio``, its measured drift relative to a typical sample's)."""
 
     @property
     def cache_hit_rate(self) -> float:

@@ -85,6 +85,9 @@ class SampleView(Protocol):
     """Normalized time of the current step (1 = pure noise)."""
     method_params: Any
     method_state: Any
+    stats: Any
+    """The sample's counters (``stats.SampleStats``); a method may record what it decided in
+    ``stats.details``."""
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,8 @@ class FastCache(CacheMethod):
                 state.rejected = not accepts_typical_drift(state.drift_ratio, params.significance, dof)
                 if state.rejected:
                     state.window = typical * window_factor(state.drift_ratio, rule)
+                sample.stats.details["drift_ratio"] = state.drift_ratio
+            sample.stats.details["window"] = state.window
         state.target, state.nearest = progress + state.window, True
 
 
