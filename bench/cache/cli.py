@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from bench.cache.grid import GRID_SAMPLES, GRID_SEED, default_cells, run_grid
+from bench.cache.grid_report import grid_table, plot_grid
 from bench.cache.report import build_rows, plot_pareto, print_table
 from bench.cache.runner import (
     ImageRunner,
@@ -42,6 +44,7 @@ from bench.cache.runner import (
     resolve_device,
     resolve_dtype,
 )
+from bench.cache.schedules import TAYLORSEER_INTERVALS, TAYLORSEER_WARMUPS, mark_best_warmups
 from bench.cache.variants import DEFAULT_TEACACHE_THRESHOLDS, METHOD_NAMES, UNCALIBRATED_TOLERANCES, build_variants
 from bench.common import DEFAULT_MODEL, command_line, machine_description, write_json
 
@@ -59,7 +62,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--samples", type=int, default=None, help="images per method (labels cycle 0..9); default 100, --quick 10"
     )
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"image i uses seed + i; default 0, --grid {GRID_SEED} (never calibration's)",
+    )
     parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument(
         "--methods",
@@ -102,6 +110,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a method left the images unchanged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--taylorseer-warmups",
+        default=",".join(map(str, TAYLORSEER_WARMUPS)),
+        help="TaylorSeer warm-up computes swept (per-sample and diffusers' hook)",
+    )
+    parser.add_argument(
+        "--taylorseer-intervals",
+        default=",".join(map(str, TAYLORSEER_INTERVALS)),
+        help="TaylorSeer cache intervals swept (>= 2)",
+    )
+    grid = parser.add_argument_group("grid (--grid)")
+    grid.add_argument(
+        "--grid",
+        action="store_true",
+        help="quality and MACs over cells of steps x guidance (no timing): FastCache's default against "
+        "TaylorSeer's fixed schedules and best_fixed_schedule; --steps and --guidance are then unused",
+    )
+    grid.add_argument(
+        "--grid-steps", default=None, help="comma list of step counts; default per model (digits: 10,20,50,100)"
+    )
+    grid.add_argument(
+        "--grid-guidance", default=None, help="comma list of guidance scales; default per model (digits: 1.5,4)"
+    )
     args = parser.parse_args(argv)
 
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -111,12 +142,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.tolerances is not None:
         args.tolerances = [float(t) for t in args.tolerances.split(",") if t.strip()]
     args.teacache_thresholds = [float(t) for t in args.teacache_thresholds.split(",") if t.strip()]
+    try:
+        args.taylorseer_warmups = _int_list(args.taylorseer_warmups)
+        args.taylorseer_intervals = _int_list(args.taylorseer_intervals)
+        default_steps, default_guidance = default_cells(args.model)
+        args.grid_steps = _int_list(args.grid_steps) if args.grid_steps else default_steps
+        args.grid_guidance = _float_list(args.grid_guidance) if args.grid_guidance else default_guidance
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.taylorseer_warmups or min(args.taylorseer_warmups) < 1:
+        parser.error("--taylorseer-warmups must be integers >= 1")
+    if not args.taylorseer_intervals or not all(2 <= i <= 101 for i in args.taylorseer_intervals):
+        parser.error("--taylorseer-intervals must be integers in [2, 101]")
+    if not args.grid_steps or min(args.grid_steps) < 1 or not args.grid_guidance:
+        parser.error("--grid-steps must be integers >= 1 and --grid-guidance must name a scale")
+    if args.seed is None:
+        args.seed = GRID_SEED if args.grid else 0
     if args.samples is None:
-        args.samples = 10 if args.quick else 100
+        args.samples = (2 if args.quick else GRID_SAMPLES) if args.grid else 10 if args.quick else 100
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.batch_size is None:
-        args.batch_size = args.samples if args.quick else 16
+        args.batch_size = args.samples if args.quick or args.grid else 16
     args.batch_size = max(1, min(args.batch_size, args.samples))
     if args.timing_samples is None:
         args.timing_samples = args.batch_size
@@ -126,8 +173,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Run the benchmark; returns the JSON rows (also written with ``--json``)."""
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Run the benchmark; returns what ``--json`` writes: the rows, or with ``--grid`` the grid's result."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
@@ -138,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     dtype = resolve_dtype(args.dtype, device)
     ref_pipe = load_pipeline(args.model, device, dtype)
     bench_pipe = bench_pipeline(ref_pipe)
+    if args.grid:
+        return main_grid(args, argv, ref_pipe, bench_pipe, device, dtype)
 
     variants, info = build_variants(bench_pipe.transformer, args, pipe=bench_pipe)
     gen = ImageRunner(
@@ -162,7 +219,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     measured, reference, elapsed = measure_variants(variants, gen, ref_pipe, bench_pipe, args, device)
     judge = load_judge(args, reference.images)
     rows, notes = build_rows(variants, measured, reference, judge, labels)
+    best = mark_best_warmups(rows)
     print_table(rows, notes, reference, args, device, elapsed)
+    for implementation, found in best.items():
+        print(
+            f"TaylorSeer ({implementation}): best warm-up {found['warmup_steps']} "
+            f"({found['psnr_db_at_mac']:.2f} dB at FastCache default's MAC fraction {found['mac_fraction']:.3f}, "
+            f"interpolated along its intervals)"
+        )
     if args.json:
         write_json(args.json, rows)
     if args.plot:
@@ -177,3 +241,37 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f"error: unchanged output for {', '.join(flagged)}", file=sys.stderr)
         raise SystemExit(1)
     return rows
+
+
+def main_grid(
+    args: argparse.Namespace, argv: Sequence[str] | None, ref_pipe: Any, bench_pipe: Any, device: str, dtype: Any
+) -> dict[str, Any]:
+    """``--grid``: measure every cell, print the per-cell table, write the JSON and the plot."""
+    print(
+        f"# bench.cache --grid\n\nmachine: {machine_description(device)}  \n"
+        f"command: `{command_line('bench.cache', argv)}`  \n"
+        f"model: {args.model} ({device}, {str(dtype).replace('torch.', '')}); steps {args.grid_steps} x "
+        f"guidance {args.grid_guidance}; {args.samples} images per cell (labels i % 10, seeds {args.seed}.."
+        f"{args.seed + args.samples - 1}); TaylorSeer warm-ups {args.taylorseer_warmups} x intervals "
+        f"{args.taylorseer_intervals}\n",
+        flush=True,
+    )
+    result = run_grid(args, ref_pipe, bench_pipe, device)
+    print(
+        f"FastCache calibrated: {result['settings']['calibrated']}; default params: "
+        f"{result['settings']['default_params']}\n"
+    )
+    print(grid_table(result))
+    best = result["best_fixed_schedule"]
+    if best is not None:
+        budget = best["params"]["budget_mac_fraction"]
+        where = "within" if best["params"]["within_budget"] else "none within, the cheapest"
+        print(
+            f"\nbest_fixed_schedule: {best['label']}, grid-average MAC {best['grid_mac_fraction']} against "
+            f"FastCache default's {budget} ({where}); cells: mean PSNR / worst image dB / MAC fraction."
+        )
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        plot_grid(result, args.plot, title=f"{Path(args.model.rstrip('/')).name}: {args.samples} images per cell")
+    return result

@@ -4,6 +4,7 @@ the speedup-vs-PSNR plot."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import statistics
@@ -24,6 +25,7 @@ ROW_KEYS = (
     "speedup",
     "mac_fraction",
     "psnr_db",
+    "psnr_min_db",
     "ssim",
     "class_accuracy",
     "fid",
@@ -63,6 +65,11 @@ def fastcache_margins(rows: list[dict[str, Any]]) -> list[float | None]:
             continue
         margins.append(float(np.interp(mac, [c[0] for c in curve], [c[1] for c in curve])) - value)
     return margins
+
+
+def worst_image_psnr(per_image: torch.Tensor, cap: float = 100.0) -> float:
+    """The lowest per-image PSNR, identical images capped at ``cap`` dB like the means."""
+    return float(torch.clamp(per_image.double(), max=cap).min().item())
 
 
 def build_rows(
@@ -107,12 +114,14 @@ def build_rows(
             log.warning("%s %s: timed images differ from the counted run's", variant.method, variant.label)
         if "measured_as" in params:
             note.append(f"= {params['measured_as']}")
+        per_image = psnr(result.images, reference.images)
         row = {
             "method": variant.method,
             "params": params,
             "speedup": clean_number(speedup, 4),
             "mac_fraction": clean_number(mac, 4),
-            "psnr_db": clean_number(mean_finite(psnr(result.images, reference.images)), 3),
+            "psnr_db": clean_number(mean_finite(per_image), 3),
+            "psnr_min_db": clean_number(worst_image_psnr(per_image), 3),
             "ssim": clean_number(float(ssim(result.images, reference.images).mean()), 5),
             "class_accuracy": clean_number(judge.class_accuracy(result.images, labels), 4) if judge else None,
             "fid": clean_number(fid(result.images), 3) if judge else None,
@@ -204,15 +213,23 @@ def plot_pareto(rows: list[dict[str, Any]], labels: list[str], path: str, title:
         if r["method"] != "none" and r["speedup"] is not None and r["psnr_db"] is not None
     ]
     for method, color in colors.items():
-        line = sorted(
-            [
-                (r["speedup"], r["psnr_db"])
-                for r, _ in points
-                if r["method"] == method and r["params"].get("setting") != "ablation"
-            ]
-        )
-        if line:
-            ax.plot([p[0] for p in line], [p[1] for p in line], "o-", color=color, label=method, alpha=0.9)
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r, _ in points:
+            if r["method"] != method or r["params"].get("setting") == "ablation":
+                continue
+            if method == "taylorseer" and r["params"].get("best_warmup") is False:
+                # the other warm-ups of TaylorSeer's sweep: faint points, the best one is the line
+                ax.plot(r["speedup"], r["psnr_db"], ".", color=color, alpha=0.25)
+                continue
+            name = method
+            if method == "taylorseer":
+                implementation = "per-sample" if r["params"].get("implementation") != "diffusers" else "diffusers"
+                name = f"taylorseer ({implementation}, warm-up {r['params'].get('warmup_steps')})"
+            lines.setdefault(name, []).append((r["speedup"], r["psnr_db"]))
+        styles = itertools.cycle(("o-", "s--", "^:", "d-."))
+        for style, (name, line) in zip(styles, sorted(lines.items()), strict=False):
+            line.sort()
+            ax.plot([p[0] for p in line], [p[1] for p in line], style, color=color, label=name, alpha=0.9)
         for r, _label in points:
             if r["method"] == method and r["params"].get("setting") == "default":
                 ax.plot(r["speedup"], r["psnr_db"], "*", color=color, markersize=14, label="fastcache default")

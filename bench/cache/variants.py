@@ -22,14 +22,8 @@ SWEEP_HORIZONS = (2, 3, 4, 5, 6, 7, 8)
 """Default FastCache sweep of a calibrated model: the tolerances at which a typical sample settles at
 these horizons (``tolerance = drift_scale * h^2``, see ``fastcache_core.decisions``)."""
 UNCALIBRATED_TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
-PER_SAMPLE_TAYLORSEER_SKIPS = (2, 4)
-"""``max_skip_steps`` of the per-sample TaylorSeer rows: intervals 3 and 5, like diffusers' rows."""
 DEFAULT_TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2)
 FBCACHE_THRESHOLDS = (0.05, 0.1)
-TAYLORSEER_SETTINGS = (
-    {"cache_interval": 3, "disable_cache_before_step": 3, "max_order": 1},
-    {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1},
-)
 PAB_SETTINGS = (
     {"block_skip_range": 2, "timestep_skip_range": [100, 800]},
     {"block_skip_range": 4, "timestep_skip_range": [100, 800]},
@@ -77,6 +71,35 @@ def _fastcache_config(params: dict[str, Any] | None, use_calibration: bool, cali
     return FastCacheConfig(params=cache_params, use_calibration=use_calibration, calibration=calibration)
 
 
+def fastcache_variant(
+    label: str,
+    params: dict[str, Any],
+    meta: dict[str, Any],
+    defaults: dict[str, Any],
+    calibrated: bool,
+    calibration: str | None,
+    use_calibration: bool = True,
+    explicit: bool = True,
+) -> Variant:
+    """A FastCache row: the library's default params (``defaults``, as resolved) updated by ``params``.
+
+    ``explicit=False`` attaches ``FastCacheConfig()`` without params, so the row runs whatever default
+    rule the library ships; ``params`` then only names it."""
+    from fastcache_core import apply_fastcache
+
+    resolved = {**defaults, **params}
+    effective_calibration = use_calibration and calibrated
+    config_params = resolved if explicit else None
+    return Variant(
+        "fastcache",
+        label,
+        {**meta, "calibrated": effective_calibration, **resolved},
+        lambda t, p=config_params, u=use_calibration: apply_fastcache(t, _fastcache_config(p, u, calibration)),
+        is_fastcache=True,
+        key=("fastcache", effective_calibration, tuple(sorted(resolved.items()))),
+    )
+
+
 def build_variants(
     transformer: torch.nn.Module, args: argparse.Namespace, pipe: Any = None
 ) -> tuple[list[Variant], dict[str, Any]]:
@@ -84,8 +107,9 @@ def build_variants(
 
     ``pipe`` (the pipeline around ``transformer``) gives MagCache its calibration runs and the peers
     their scheduler; without it the ``magcache``, ``seacache`` and ``cachedit`` rows are left out."""
+    from bench.cache.schedules import diffusers_variants, per_sample_variants
     from bench.peers import apply_peer
-    from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
+    from fastcache_core import apply_fastcache
 
     probe = apply_fastcache(transformer, _fastcache_config(None, True, args.calibration))
     defaults = probe.default_params.to_dict()
@@ -103,16 +127,15 @@ def build_variants(
     def fastcache(
         label: str, params: dict[str, Any], meta: dict[str, Any], use_calibration: bool = True, explicit: bool = True
     ) -> Variant:
-        resolved = {**defaults, **params}
-        effective_calibration = use_calibration and calibrated
-        config_params = resolved if explicit else None
-        return Variant(
-            "fastcache",
+        return fastcache_variant(
             label,
-            {**meta, "calibrated": effective_calibration, **resolved},
-            lambda t, p=config_params, u=use_calibration: apply_fastcache(t, _fastcache_config(p, u, args.calibration)),
-            is_fastcache=True,
-            key=("fastcache", effective_calibration, tuple(sorted(resolved.items()))),
+            params,
+            meta,
+            defaults,
+            calibrated,
+            args.calibration,
+            use_calibration=use_calibration,
+            explicit=explicit,
         )
 
     variants = [Variant("none", "uncached", {"setting": "reference"}, None, key=("none",))]
@@ -182,22 +205,9 @@ def build_variants(
         )
     )
 
-    # TaylorSeer as a per-sample method inside the cache (a request's choice in a shared batch), with
-    # diffusers' warm-up of 3 computes so it matches diffusers' rows
-    for skips in PER_SAMPLE_TAYLORSEER_SKIPS:
-        params = {"method": "taylorseer", "tolerance": 1.0, "max_skip_steps": skips}
-        variants.append(
-            Variant(
-                "taylorseer",
-                f"per-sample interval={skips + 1} order=1",
-                {"implementation": "fastcache per-sample", "cache_interval": skips + 1, "warmup_steps": 3, **params},
-                lambda t, p=params: apply_fastcache(
-                    t, FastCacheConfig(params=CacheParams(**p), first_steps=3, calibration=args.calibration)
-                ),
-                is_fastcache=True,
-                key=("taylorseer-per-sample", skips),
-            )
-        )
+    # TaylorSeer as a per-sample method inside the cache (a request's choice in a shared batch), on the
+    # same schedules as diffusers' rows (warm-ups x intervals), so it matches them
+    variants.extend(per_sample_variants(args.taylorseer_warmups, args.taylorseer_intervals, args.calibration))
 
     # TeaCache inside FastCache (per sample); its polynomial comes from the calibration when present
     for thr in args.teacache_thresholds:
@@ -224,16 +234,7 @@ def build_variants(
                 key=("fbcache", thr),
             )
         )
-    for setting in TAYLORSEER_SETTINGS:
-        variants.append(
-            Variant(
-                "taylorseer",
-                f"interval={setting['cache_interval']} order={setting['max_order']}",
-                {"implementation": "diffusers", **setting},
-                lambda t, s=setting: apply_peer(t, "taylorseer", **s),
-                key=("taylorseer", tuple(setting.items())),
-            )
-        )
+    variants.extend(diffusers_variants(args.taylorseer_warmups, args.taylorseer_intervals))
     for setting in PAB_SETTINGS:
         low, high = setting["timestep_skip_range"]
         variants.append(
