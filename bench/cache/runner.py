@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import itertools
 import logging
 import sys
@@ -54,7 +55,7 @@ class ImageRunner:
         for start in range(0, count, self.batch_size):
             stop = min(count, start + self.batch_size)
             if handle is not None and hasattr(handle, "set_run"):
-                handle.set_run(num_steps=steps)
+                set_run(handle, steps, self.guidance)
             generators = [torch.Generator().manual_seed(s) for s in self.seeds[start:stop]]
             self._sync()
             began = time.perf_counter()
@@ -71,6 +72,15 @@ class ImageRunner:
             if on_batch is not None:
                 on_batch(stop - start)
         return torch.cat(images), seconds
+
+
+def set_run(handle: Any, steps: int, guidance: float) -> None:
+    """Tell a FastCache handle the run's step count, and its guidance scale where the library's
+    ``set_run`` takes one (a rule may adapt to both)."""
+    if "guidance_scale" in inspect.signature(handle.set_run).parameters:
+        handle.set_run(num_steps=steps, guidance_scale=guidance)
+    else:
+        handle.set_run(num_steps=steps)
 
 
 @dataclass
