@@ -3,9 +3,12 @@
 One module per job:
 
 * ``variants``: the rows (each method at each setting) and how each attaches to a transformer;
+* ``schedules``: TaylorSeer's fixed schedules (warm-ups x intervals), its best warm-up, the best
+  fixed schedule of a grid;
 * ``instrument``: FLOP counting and the timers behind ``overhead_fraction``;
 * ``runner``: loading the pipelines, generating the fixed images, measuring each row;
 * ``report``: the JSON rows, FastCache's margins, the table and the Pareto plot;
+* ``grid``, ``grid_report``: ``--grid``, cells of steps x guidance, its table and plot;
 * ``cli``: the command line (``parse_args``, ``main``); what each figure means is in its docstring.
 """
 
