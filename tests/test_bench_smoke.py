@@ -15,6 +15,7 @@ ROW_KEYS = {
     "speedup",
     "mac_fraction",
     "psnr_db",
+    "psnr_min_db",
     "ssim",
     "class_accuracy",
     "fid",
@@ -321,3 +322,100 @@ def test_fastcache_margin_interpolates_along_the_tolerance_sweep():
         {"method": "taylorseer", "params": {}, "mac_fraction": 0.6, "psnr_db": 55.0},
     ]
     assert fastcache_margins(sweep + peers) == [None, None, 1.0, None]  # 45 - 44; 0.6 is outside the sweep
+
+
+GRID_ROW_KEYS = {"method", "params", "steps", "guidance", "mac_fraction", "psnr_db", "psnr_min_db", "ssim"}
+
+
+def test_bench_cache_grid_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
+    from bench import cache
+
+    out, plot = tmp_path / "grid.json", tmp_path / "grid.png"
+    result = cache.main(
+        [
+            "--model",
+            str(tiny_dit_dir),
+            "--grid",
+            "--grid-steps",
+            "3,5",
+            "--grid-guidance",
+            "2",
+            "--samples",
+            "1",
+            "--taylorseer-warmups",
+            "1",
+            "--taylorseer-intervals",
+            "2,3",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["cells"] == [{"steps": 3, "guidance": 2.0}, {"steps": 5, "guidance": 2.0}]
+    rows = result["rows"]
+    for row in rows:
+        assert set(row) == GRID_ROW_KEYS, row
+        assert finite(row["mac_fraction"]) and row["mac_fraction"] > 0, row
+        assert row["psnr_min_db"] <= row["psnr_db"], row
+    # every method at every cell: the default, 2 schedules x 2 implementations, best_fixed_schedule
+    per_cell = {
+        (c["steps"], c["guidance"]): [r for r in rows if (r["steps"], r["guidance"]) == (c["steps"], c["guidance"])]
+        for c in result["cells"]
+    }
+    for cell_rows in per_cell.values():
+        assert sorted(r["method"] for r in cell_rows) == ["best_fixed_schedule", "fastcache"] + ["taylorseer"] * 4
+    implementations = {r["params"]["implementation"] for r in rows if r["method"] == "taylorseer"}
+    assert implementations == {"fastcache per-sample", "diffusers"}
+    best = result["best_fixed_schedule"]
+    default = next(s for s in result["summary"] if s["method"] == "fastcache")
+    assert best["method"] == "best_fixed_schedule"
+    assert (best["params"]["warmup_steps"], best["params"]["cache_interval"]) in {(1, 2), (1, 3)}
+    if best["params"]["within_budget"]:
+        assert best["grid_mac_fraction"] <= default["grid_mac_fraction"]
+    assert best["worst_cell_psnr_db"] == min(r["psnr_db"] for r in rows if r["method"] == "best_fixed_schedule")
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+    table = capsys.readouterr().out
+    assert "| method | setting | 3 st, g 2 | 5 st, g 2 | grid mean dB | worst cell dB |" in table
+
+
+def summary(mean, worst, mac, warmup=1, interval=2):
+    return {
+        "method": "taylorseer",
+        "label": f"w{warmup} i{interval}",
+        "params": {"warmup_steps": warmup, "cache_interval": interval, "implementation": "diffusers"},
+        "grid_mean_psnr_db": mean,
+        "worst_cell_psnr_db": worst,
+        "grid_mac_fraction": mac,
+    }
+
+
+def test_best_fixed_schedule_is_the_best_grid_mean_within_fastcaches_macs():
+    from bench.cache.schedules import best_fixed_schedule
+
+    schedules = [summary(50.0, 40.0, 0.5), summary(40.0, 30.0, 0.2), summary(40.0, 33.0, 0.19), summary(30, 20, 0.1)]
+    best = best_fixed_schedule(schedules, budget=0.2)
+    assert best["label"] == schedules[2]["label"]  # 0.5 MACs is over budget; equal means: the better worst cell
+    assert best["within_budget"] is True
+
+
+def test_best_fixed_schedule_falls_back_to_the_cheapest_when_all_spend_more():
+    from bench.cache.schedules import best_fixed_schedule
+
+    schedules = [summary(50.0, 40.0, 0.5), summary(45.0, 35.0, 0.3)]
+    best = best_fixed_schedule(schedules, budget=0.2)
+    assert best["label"] == schedules[1]["label"] and best["within_budget"] is False
+
+
+def test_grid_images_use_none_of_the_calibration_seeds():
+    from bench import cache
+    from bench.cache.grid import CALIBRATION_SEEDS, MAGCACHE_SEED
+
+    args = cache.parse_args(["--grid"])
+    seeds = set(range(args.seed, args.seed + args.samples))
+    assert not seeds & CALIBRATION_SEEDS
+    assert max(seeds) < MAGCACHE_SEED

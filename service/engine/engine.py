@@ -11,10 +11,12 @@ The engine is split by role, the way vLLM splits engine, scheduler and worker:
 * ``Engine`` (here) - the loop that ties them together on the model thread, and the thread-safe API
   (``submit``, ``cancel``, ``shutdown``) the queues use.
 
-One thread owns the model. At every step boundary it drops cancelled and expired jobs, admits
-waiting jobs when a round starts, runs one transformer forward for the group whose turn it is (each image at its own
-timestep, with its own scheduler, seed, guidance scale and cache settings) and hands finished jobs to
-the output processor. FastCache decides per image, so an image does not depend on who shares its batch.
+One thread owns the model. At every step boundary it asks the scheduler for its decision
+(``SchedulerOutput``: which jobs join, which are refused, which leave, which group steps) and acts on
+it: it drops cancelled and expired jobs, prepares the jobs that join when a round starts, runs one
+transformer forward for the group whose turn it is (each image at its own timestep, with its own
+scheduler, seed, guidance scale and cache settings) and hands finished jobs to the output processor.
+FastCache decides per image, so an image does not depend on who shares its batch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from service import telemetry
 from service.engine.families import FamilyRunner, GenerationSpec, ModelLimits
 from service.engine.job import Job, JobError, JobResult, NotAccepting, QueueFull, failed
 from service.engine.outputs import OutputProcessor, encode_image
-from service.engine.scheduler import Scheduler
+from service.engine.scheduler import LeaveReason, Scheduler
 from service.engine.step_runner import StepRunner
 
 __all__ = ["Engine", "Job", "JobError", "JobResult", "NotAccepting", "QueueFull", "encode_image"]
@@ -38,6 +40,14 @@ __all__ = ["Engine", "Job", "JobError", "JobResult", "NotAccepting", "QueueFull"
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 0.5
+
+
+def leave_result(job: Job, reason: LeaveReason) -> JobResult:
+    """The result of a job the scheduler took out (``job`` says whether it was still waiting)."""
+    if reason == "cancelled":
+        return JobResult("cancelled")
+    where = "ran" if job.admitted_at is not None else "waited"
+    return failed("deadline_exceeded", f"the request {where} past its deadline", 504)
 
 
 class Engine:
@@ -186,7 +196,7 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    dropped = self._drop_waiting_locked()
+                    dropped = [(job, leave_result(job, reason)) for job, reason in self._drop_waiting_locked()]
                     busy = bool(self.scheduler.running() or self.scheduler.waiting)
                     stop = self._stop or (self._drain and not busy)
                 for job, result in dropped:
@@ -246,49 +256,37 @@ class Engine:
                 self._lock.wait(timeout=timeout)
 
     def _iteration(self) -> None:
-        """One step boundary: admit, retire, step the group whose turn it is."""
+        """One step boundary: act on the scheduler's decision (refuse, prepare, retire, step)."""
         with self._lock:
-            admitted, oversized = self.scheduler.admit()
+            decision = self.scheduler.schedule(time.time())
             telemetry.QUEUE_DEPTH.labels(model=self.model_name).set(len(self.scheduler.waiting))
-        for job in oversized:
+            telemetry.IN_FLIGHT.labels(model=self.model_name).set(len(self.scheduler.running()))
+            telemetry.RUNNING_GROUPS.labels(model=self.model_name).set(len(self.scheduler.groups))
+        for job in decision.refused:
             job.finish(
                 failed("invalid_n", f"n={job.n} exceeds this worker's max batch size {self.max_batch_size}", 422)
             )
-        now = time.time()
-        for job in admitted:
-            job.admitted_at = now
+        leaving = {id(job) for job, _ in decision.leaving}
+        unprepared: set[int] = set()
+        for job in decision.joined:
+            job.admitted_at = decision.now
+            if id(job) in leaving:  # cancelled or expired as it joined: it leaves below, unprepared
+                continue
             error = self.steps.prepare(job)
             if error is not None:
+                unprepared.add(id(job))
                 self._leave(job, JobResult("failed", error=error))
-        self._retire_running()
-        with self._lock:
-            group = self.scheduler.next_group()
-            telemetry.IN_FLIGHT.labels(model=self.model_name).set(len(self.scheduler.running()))
-            telemetry.RUNNING_GROUPS.labels(model=self.model_name).set(len(self.scheduler.groups))
+        for job, reason in decision.leaving:
+            self._leave(job, leave_result(job, reason), scheduled=True)
+        group = [job for job in decision.group if id(job) not in unprepared]
         if group:
             self._step(group)
 
-    def _drop_waiting_locked(self) -> list[tuple[Job, JobResult]]:
-        now = time.time()
-        dropped = []
-        for job in self.scheduler.waiting:
-            if job.cancelled:
-                dropped.append((job, JobResult("cancelled")))
-            elif job.deadline is not None and now > job.deadline:
-                dropped.append((job, failed("deadline_exceeded", "the request waited past its deadline", 504)))
+    def _drop_waiting_locked(self) -> list[tuple[Job, LeaveReason]]:
+        dropped = self.scheduler.drop_waiting(time.time())
         if dropped:
-            self.scheduler.remove_waiting(job for job, _ in dropped)
             telemetry.QUEUE_DEPTH.labels(model=self.model_name).set(len(self.scheduler.waiting))
         return dropped
-
-    def _retire_running(self) -> None:
-        """Cancelled and expired jobs leave the batch, freeing their slots."""
-        now = time.time()
-        for job in self._running():
-            if job.cancelled:
-                self._leave(job, JobResult("cancelled"))
-            elif job.deadline is not None and now > job.deadline:
-                self._leave(job, failed("deadline_exceeded", "the request ran past its deadline", 504))
 
     def _step(self, group: list[Job]) -> None:
         start = time.perf_counter()
@@ -306,8 +304,8 @@ class Engine:
                 continue
             job.first_step_at = job.first_step_at or (now - duration)
             job.batch_sizes.append(size)
-            job.emit({"type": "step", "step": job.steps_done, "steps": job.spec.steps, "batch_size": size})
-            if job.done_denoising:
+            job.emit({"type": "step", "step": self.steps.steps_done(job), "steps": job.spec.steps, "batch_size": size})
+            if self.steps.done_denoising(job):
                 self._complete(job)
 
     def _complete(self, job: Job) -> None:
@@ -318,14 +316,16 @@ class Engine:
             logger.exception("decoding job %s failed", job.job_id)
             self._leave(job, failed("decode_failed", f"decoding the image failed: {error}", 500))
             return
-        seeds = [sample.spec.seed for sample in job.samples]
+        seeds = self.steps.seeds(job)
         stats = self.steps.release(job)
         self._remove(job)
         self.outputs.submit(job, images, seeds, stats)
 
-    def _leave(self, job: Job, result: JobResult) -> None:
+    def _leave(self, job: Job, result: JobResult, scheduled: bool = False) -> None:
+        """The job leaves the batch with ``result``; ``scheduled``: the scheduler already took it out."""
         self.steps.release(job)
-        self._remove(job)
+        if not scheduled:
+            self._remove(job)
         job.finish(result)
 
     def _remove(self, job: Job) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.families import GenerationSpec, Sample
+from service.engine.families import GenerationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +58,16 @@ class Job:
     on_event: Callable[[dict[str, Any]], None] | None = None
     on_done: Callable[[JobResult], None] | None = None
     cancelled: bool = False
-    # filled by the engine
-    key: Hashable = None  # compatibility key: jobs with equal keys share a transformer forward
-    passed: int = 0  # times a later job with fewer steps was admitted while this one waited
-    samples: list[Sample] = field(default_factory=list)
+    # set once by the engine at submission: jobs with equal keys share a transformer forward
+    key: Hashable = None
+    # the scheduler's alone: times a later job with fewer steps was admitted while this one waited
+    passed: int = 0
+    # the engine's record of the job's life, read by the output processor (images in flight: the step runner's)
     admitted_at: float | None = None
     first_step_at: float | None = None
     batch_sizes: list[int] = field(default_factory=list)
     finished: bool = False
     _finish_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def steps_done(self) -> int:
-        return self.samples[0].step if self.samples else 0
-
-    @property
-    def done_denoising(self) -> bool:
-        return bool(self.samples) and all(s.done for s in self.samples)
 
     def finish(self, result: JobResult) -> bool:
         """Deliver ``result`` once (later calls are ignored); returns whether this call delivered it."""

@@ -42,8 +42,11 @@ Fairness bound (holds however the traffic mixes keys)
 A round costs one forward per running group; with ``G`` groups that is ``G - 1`` forward overheads
 more than one batch of the same images would cost: the price of not making any key wait.
 
-The scheduler is plain bookkeeping (no model, no threads, no clock): the engine calls it under its
-lock and does the model work itself.
+The scheduler is plain bookkeeping (no model, no threads, no clock: the engine passes the time): the
+engine calls it under its lock and does the model work itself. At every step boundary ``schedule``
+returns a ``SchedulerOutput`` (vLLM's idea): which jobs join, which are refused, which leave and which
+step now. The engine and the step runner act on that decision; they change no scheduling state
+(``Job.key`` is set once, at submission; ``Job.passed`` is the scheduler's alone).
 """
 
 from __future__ import annotations
@@ -51,8 +54,41 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 from service.engine.job import Job, QueueFull
+
+LeaveReason = Literal["cancelled", "deadline_exceeded"]
+"""Why the scheduler takes a job out: cancelled by its client, or past its deadline."""
+
+
+class Admission(NamedTuple):
+    """Admission at a step boundary: jobs that join their group now, and jobs that can never fit."""
+
+    joined: list[Job]
+    refused: list[Job]
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step boundary's decisions, in the order the engine acts on them.
+
+    Attributes:
+        joined: jobs admitted now (fewer steps first); the step runner prepares them and they step
+            from this round on. A joined job that also leaves (cancelled meanwhile) is not prepared.
+        refused: waiting jobs that can never fit (``n`` above the batch size); they fail.
+        leaving: running jobs taken out now, with the reason: their slots are free already.
+        group: the jobs of the compatibility key whose turn it is: one batched step now (empty when
+            nothing runs).
+        now: the time the decision was taken at (the joined jobs' admission time).
+    """
+
+    joined: list[Job]
+    refused: list[Job]
+    leaving: list[tuple[Job, LeaveReason]]
+    group: list[Job]
+    now: float
 
 
 class Scheduler:
@@ -111,7 +147,28 @@ class Scheduler:
         """Whether some running group has yet to take its step of the current round."""
         return any(self._groups.get(key) for key in self._round)
 
-    def admit(self) -> tuple[list[Job], list[Job]]:
+    def schedule(self, now: float) -> SchedulerOutput:
+        """The decisions of one step boundary at time ``now``: admission (``admit``), then running jobs
+        that leave (cancelled or past their deadline, joined ones included), then the group whose turn
+        it is (``next_group``)."""
+        joined, refused = self.admit()
+        leaving = self.leaving(now)
+        for job, _ in leaving:
+            self.remove(job)
+        return SchedulerOutput(joined, refused, leaving, self.next_group(), now)
+
+    def leaving(self, now: float) -> list[tuple[Job, LeaveReason]]:
+        """Running jobs that must leave at ``now``: cancelled, or past their deadline."""
+        return [(job, reason) for job in self.running() if (reason := _leave_reason(job, now)) is not None]
+
+    def drop_waiting(self, now: float) -> list[tuple[Job, LeaveReason]]:
+        """Take out the waiting jobs that were cancelled or whose deadline passed; returns them."""
+        dropped = [(job, reason) for job in self.waiting if (reason := _leave_reason(job, now)) is not None]
+        if dropped:
+            self.remove_waiting(job for job, _ in dropped)
+        return dropped
+
+    def admit(self) -> Admission:
         """Admission at a step boundary: (jobs that join their group now, jobs that can never fit).
 
         Only at the start of a round (nothing joins mid-round), in ``admission_order``; the first job
@@ -119,13 +176,13 @@ class Scheduler:
         """
         admitted: list[Job] = []
         if self.mid_round:
-            return admitted, []
+            return Admission(admitted, [])
         oversized = [job for job in self.waiting if job.n > self.max_batch_size]  # a feeder skipped validation
         if oversized:
             self.remove_waiting(oversized)
         used = self.images_running
         if used >= self.max_batch_size:  # full: nothing to order
-            return admitted, oversized
+            return Admission(admitted, oversized)
         for job in self.admission_order():
             if used + job.n > self.max_batch_size:
                 break
@@ -144,7 +201,7 @@ class Scheduler:
                 else:
                     job.passed += later_joined
             self.remove_waiting(admitted)
-        return admitted, oversized
+        return Admission(admitted, oversized)
 
     def admission_order(self) -> list[Job]:
         """Waiting jobs in the order they may join: fewer steps first, arrival order among equals, and
@@ -192,3 +249,11 @@ class Scheduler:
         self._groups.pop(key, None)
         with contextlib.suppress(ValueError):
             self._turns.remove(key)
+
+
+def _leave_reason(job: Job, now: float) -> LeaveReason | None:
+    if job.cancelled:
+        return "cancelled"
+    if job.deadline is not None and now > job.deadline:
+        return "deadline_exceeded"
+    return None

@@ -2,7 +2,8 @@
 
 Everything here runs on the engine's model thread. Each operation isolates failures per job: a
 request whose preparation, step or decoding raises fails alone with a clear error, and the other
-jobs of its batch carry on.
+jobs of its batch carry on. The step runner owns the jobs' images in flight (their latents and
+schedulers, ``Sample``), from ``prepare`` to ``release``; the engine asks it for a job's progress.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from fastcache_core import FastCache
 from fastcache_core.stats import SampleStats
-from service.engine.families import FamilyRunner, GenerationSpec, InvalidField
+from service.engine.families import FamilyRunner, GenerationSpec, InvalidField, Sample
 from service.engine.job import Job, JobError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class StepRunner:
     def __init__(self, family: FamilyRunner, cache: FastCache) -> None:
         self.family = family
         self.cache = cache
+        self._samples: dict[str, list[Sample]] = {}  # job id -> its images in flight, prepare to release
 
     def compat_key(self, job: Job) -> tuple[Hashable, ...]:
         return self.family.compat_key(job.spec)
@@ -37,22 +39,37 @@ class StepRunner:
         On failure nothing of the job is left registered in the cache.
         """
         registered = []
+        samples = []
         try:
             for i in range(job.n):
                 spec: GenerationSpec = replace(job.spec, seed=job.spec.seed + i)
                 sample_id = (job.job_id, i)
                 self.cache.add_sample(sample_id, spec.cache, spec.steps)
                 registered.append(sample_id)
-                job.samples.append(self.family.prepare(sample_id, spec))
+                samples.append(self.family.prepare(sample_id, spec))
         except Exception as error:
-            job.samples = []
             for sample_id in registered:
                 self.cache.remove_sample(sample_id)
             if isinstance(error, InvalidField):  # bad input the API could not see (a direct feeder)
                 return JobError("invalid_request", f"{error.field}: {error.message}", 422)
             logger.exception("preparing job %s failed", job.job_id)
             return JobError("prepare_failed", f"preparing the request failed: {error}", 500)
+        self._samples[job.job_id] = samples
         return None
+
+    def steps_done(self, job: Job) -> int:
+        """Denoising steps the job's images have taken (0 before ``prepare``)."""
+        samples = self._samples.get(job.job_id)
+        return samples[0].step if samples else 0
+
+    def done_denoising(self, job: Job) -> bool:
+        """Whether every image of the job has taken all its steps."""
+        samples = self._samples.get(job.job_id, [])
+        return bool(samples) and all(s.done for s in samples)
+
+    def seeds(self, job: Job) -> list[int]:
+        """The seeds of the job's images, in order."""
+        return [sample.spec.seed for sample in self._samples.get(job.job_id, [])]
 
     def step(self, jobs: list[Job]) -> dict[str, JobError]:
         """One denoising step for every image of ``jobs`` (one compatibility key): errors by job id.
@@ -60,7 +77,7 @@ class StepRunner:
         One transformer forward serves all of them. If it raises, each job is retried alone so that
         only the job(s) whose own forward fails are reported; a scheduler step that raises fails its job.
         """
-        samples = [s for job in jobs for s in job.samples]
+        samples = [s for job in jobs for s in self._samples[job.job_id]]
         try:
             outputs = self.family.forward(samples, self.cache)
         except Exception as error:
@@ -75,10 +92,11 @@ class StepRunner:
         errors = {}
         offset = 0
         for job in jobs:
-            mine = outputs[offset : offset + len(job.samples)]
-            offset += len(job.samples)
+            own = self._samples[job.job_id]
+            mine = outputs[offset : offset + len(own)]
+            offset += len(own)
             try:
-                for sample, output in zip(job.samples, mine, strict=True):
+                for sample, output in zip(own, mine, strict=True):
                     self.family.step(sample, output)
             except Exception as error:
                 logger.exception("scheduler step of job %s failed", job.job_id)
@@ -87,15 +105,14 @@ class StepRunner:
 
     def decode(self, job: Job) -> list[Any]:
         """The job's images (PIL), decoded by the VAE; raises on failure (the caller fails the job)."""
-        return self.family.decode(job.samples)
+        return self.family.decode(self._samples[job.job_id])
 
     def release(self, job: Job) -> list[SampleStats]:
         """Unregister the job's images from the cache and return their counters (nothing if never prepared)."""
         stats = []
-        for sample in job.samples:
+        for sample in self._samples.pop(job.job_id, []):
             with contextlib.suppress(KeyError):
                 stats.append(self.cache.remove_sample(sample.sample_id))
-        job.samples = []
         return stats
 
     def warmup(self, spec: GenerationSpec) -> None:

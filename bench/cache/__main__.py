@@ -1,0 +1,5 @@
+"""``python -m bench.cache``."""
+
+from bench.cache.cli import main
+
+main()
