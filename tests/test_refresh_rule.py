@@ -1,4 +1,4 @@
-"""FastCache's refresh rule: tolerance sets the horizon, the chi-square guard shortens it per sample."""
+"""FastCache's refresh rule: windows in the sampler's normalized time, one chi-square test per sample."""
 
 import math
 
@@ -7,86 +7,71 @@ import torch
 from scipy.stats import chi2
 
 from fastcache_core.methods.fastcache import (
-    FIRST_WINDOW,
-    FastCacheState,
+    FastCacheRule,
+    accepts_typical_drift,
     chi_square_quantile,
-    drift_above_floor,
-    fastcache_gap,
-    max_accepted_error,
-    settled_horizon,
+    due,
+    window_factor,
 )
 from fastcache_core.methods.taylorseer import taylorseer_computes
+from fastcache_core.profile import CacheProfile
 
-DOF = 64 * 16
-DRIFT = 0.004  # typical drift per squared step
-
-
-def gap_after(error, horizon=4, computes=3, floor=0.0, allowance=0.064, gap=4, significance=0.05):
-    state = FastCacheState()
-    return fastcache_gap(state, computes, horizon, error, floor, allowance, significance, DOF, gap), state
+DOF = 64 * 32
 
 
 @pytest.mark.parametrize("dof", [50, 2048, 100_000])
 @pytest.mark.parametrize("p", [0.9, 0.95, 0.99])
-def test_quantile_matches_scipy(dof, p):
+def test_quantile_is_scipys(dof, p):
     assert chi_square_quantile(p, dof) == pytest.approx(chi2.ppf(p, dof), rel=1e-9)
 
 
-def test_accepted_error_is_tight_around_the_scale_not_vacuous():
-    limit = max_accepted_error(0.01, 0.05, DOF)
-    assert 0.01 < limit < 0.0108
+def test_the_tolerance_sets_a_window_in_normalized_time():
+    rule = FastCacheRule(window_scale=10.0)
+    assert rule.window(0.1) == pytest.approx(0.1)
+    assert rule.window(0.4) == pytest.approx(0.2)  # four times the drift: twice the window
+    assert rule.window(0.0) == 0.0
 
 
-def test_the_tolerance_sets_the_horizon_at_which_a_typical_drift_meets_it():
-    assert settled_horizon(DRIFT * 16, DRIFT, max_skip_steps=8) == 4
-    assert settled_horizon(DRIFT * 15.9, DRIFT, max_skip_steps=8) == 3
-    assert settled_horizon(1.0, DRIFT, max_skip_steps=5) == 6  # bounded by max_skip_steps + 1
-    assert settled_horizon(0.0, DRIFT, max_skip_steps=8) == 1  # tolerance 0 computes every step
-    assert settled_horizon(0.5, None, max_skip_steps=8) == 2  # uncalibrated
+def test_an_old_profile_derives_its_window_scale_from_its_drift_per_step():
+    profile = CacheProfile(metadata={"drift_scale": 0.004, "num_inference_steps": 50})
+    assert FastCacheRule.of(profile).window_scale == pytest.approx(0.004 * 50**2)
+    assert FastCacheRule.of(profile).reuse_velocity is None  # no measured velocity: no test
 
 
-def test_the_window_after_the_first_compute_is_short():
-    assert fastcache_gap(FastCacheState(), 1, 6, None, 0.0, 0.1, 0.05, DOF, 1) == FIRST_WINDOW
-    assert fastcache_gap(FastCacheState(), 1, 3, None, 0.0, 0.1, 0.05, DOF, 1) == 2
+def test_the_step_nearest_the_end_of_the_window_computes():
+    # uniform spacing 0.02: a window ending at 0.15 is nearest to 0.14 (not 0.16)
+    assert not due(0.12, 0.10, 0.15, nearest=True)
+    assert due(0.14, 0.12, 0.15, nearest=True)
+    # a tie goes to the later step: a window ending at 0.13 computes at 0.14, not 0.12
+    assert not due(0.12, 0.10, 0.13, nearest=True)
 
 
-def test_a_typical_sample_keeps_the_settled_horizon():
-    gap, state = gap_after(error=0.03)
-    assert gap == 4 and state.rejections == 0
+def test_the_first_window_ends_at_the_last_step_before_it():
+    assert not due(0.04, 0.02, 0.08, nearest=False)
+    assert not due(0.06, 0.04, 0.09, nearest=False)  # 0.08 is still inside the window
+    assert due(0.08, 0.06, 0.09, nearest=False)  # 0.10 would overshoot
+    assert due(0.08, 0.06, 0.08, nearest=False)
 
 
-def test_a_sample_drifting_far_more_than_typical_refreshes_sooner():
-    gap, state = gap_after(error=0.4)
-    assert gap == 1 and state.rejections == 1
-    gap, _ = gap_after(error=0.13)  # about twice the accepted drift: h * sqrt(1/2)
-    assert gap == 2
-
-
-def test_no_guard_means_the_settled_horizon_whatever_the_error():
-    gap, state = gap_after(error=10.0, allowance=0.0)
-    assert gap == 4 and state.rejections == 0
-
-
-def test_the_noise_floor_is_subtracted_in_quadrature_before_testing():
-    assert drift_above_floor(0.05, 0.03) == pytest.approx(0.04)
-    assert drift_above_floor(0.02, 0.03) == 0.0
-    assert gap_after(error=0.1, floor=0.09)[0] == 4  # mostly floor: accepted
-    assert gap_after(error=0.1, floor=0.0)[0] < 4
-
-
-def test_a_shorter_gap_is_held_to_a_proportionally_smaller_drift():
-    # drift grows like gap^2: at half the horizon a typical sample drifts a quarter as much
-    assert gap_after(error=0.03, gap=2)[0] == 2
-    assert gap_after(error=0.012, gap=2)[0] == 4
-
-
-def test_drift_exactly_at_the_scale_is_accepted_about_one_minus_alpha_of_the_time():
-    scale, alpha, accepted = 0.064, 0.2, 0
+def test_a_sample_drifting_like_a_typical_one_is_accepted_about_one_minus_alpha_of_the_time():
+    alpha, accepted = 0.2, 0
     for seed in range(200):
         noise = torch.randn(DOF, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        error = scale * float(noise.norm()) / math.sqrt(DOF)
-        accepted += gap_after(error=error, allowance=scale, significance=alpha)[0] == 4
+        ratio = float(noise.norm()) / math.sqrt(DOF)  # measured drift / typical drift
+        accepted += accepts_typical_drift(ratio, alpha, DOF)
     assert 0.65 <= accepted / 200 <= 0.95
+
+
+def test_the_test_is_tight_around_the_typical_drift_not_vacuous():
+    assert accepts_typical_drift(1.0, 0.05, DOF)
+    assert not accepts_typical_drift(1.1, 0.05, DOF)
+
+
+def test_a_sample_drifting_more_keeps_a_shorter_window_within_bounds():
+    rule = FastCacheRule(guidance_exponent=0.5, min_factor=0.25)
+    assert window_factor(4.0, rule) == pytest.approx(0.5)
+    assert window_factor(1000.0, rule) == 0.25
+    assert window_factor(0.5, rule) == 1.0  # never longer than a typical sample's
 
 
 def test_taylorseer_schedule_is_diffusers_schedule():
