@@ -16,8 +16,8 @@
    of step counts and guidance scales on tuning seeds; keep the variant and default tolerance that
    compute least while every cell keeps ``target_psnr`` (mean) and ``floor_psnr`` (worst image).
 
-Seeds: the fit uses ``seed`` (default 10,000) and up, the tuning ``seed + 10,000`` and up; benchmarks
-use seeds from 0, so no benchmark image was seen by calibration.
+Seeds: the fit uses ``FIT_SEED`` (10,000) and up, the tuning ``FIT_SEED + TUNE_SEED_OFFSET`` (20,000)
+and up; benchmarks use seeds from 0, so no benchmark image was seen by calibration.
 
 The profile is saved as ``fastcache_calibration.safetensors`` next to the transformer, where
 ``apply_fastcache`` finds it. ``fastcache-calibrate MODEL_DIR`` runs all of it from the shell.
@@ -45,6 +45,11 @@ from fastcache_core.calibration_tune import (
     sweep_grid,
 )
 from fastcache_core.profile import CALIBRATION_FILENAME, CacheProfile
+
+FIT_SEED = 10_000
+"""The streamed fit's first generator seed by default (batch ``b``: ``FIT_SEED + b``)."""
+TUNE_SEED_OFFSET = 10_000
+"""The tuning images' seeds start this far above the fit's (image ``i``: ``FIT_SEED + 10_000 + i``)."""
 
 
 @dataclass
@@ -98,11 +103,12 @@ def calibrate(
     guidance_scale: float | None = None,
     num_phases: int = 10,
     max_gap: int = 6,
-    seed: int = 10_000,
+    seed: int = FIT_SEED,
     tune_defaults: bool = True,
     target_psnr: float = 38.0,
     floor_psnr: float = 31.0,
     windows: Sequence[float] = DEFAULT_WINDOWS,
+    gain_modes: Sequence[str] = ("unit", "fitted"),
     grid_steps: Sequence[int] = (20, 50, 100),
     grid_guidance: Sequence[float] | None = None,
     tune_samples: int = 8,
@@ -116,12 +122,15 @@ def calibrate(
         num_samples: images generated for the streamed fit.
         num_phases: slices of normalized time with their own coefficients.
         max_gap: the longest forecast distance (steps) the fit sees; the window kept per row.
-        seed: the fit's first seed; the tuning images use ``seed + 10_000`` and up.
+        seed: the fit's first seed (batch ``b`` uses ``seed + b``); the tuning images use
+            ``seed + TUNE_SEED_OFFSET + i``.
         tune_defaults: measure the test's reuse velocity and sweep rule variants x tolerances over
             the grid on ``tune_samples`` tuning images, and store the default; without it only the fit.
         target_psnr: every grid cell's mean PSNR against uncached images the default must keep.
         floor_psnr: every grid cell's worst image the default must keep.
         windows: the sweep's tolerances, as the windows (normalized time) a typical sample keeps.
+        gain_modes: the forecast gains the sweep compares: ``"unit"`` (Taylor's first order) and/or
+            ``"fitted"`` (the least-squares gain per phase).
         grid_steps: step counts of the tuning grid.
         grid_guidance: guidance scales of the tuning grid (default: ``guidance_scale`` and 4, or 2 and
             4 when ``guidance_scale`` is 4).
@@ -189,9 +198,10 @@ def calibrate(
             guidance_scale,
             [(s, g) for g in cells_guidance for s in grid_steps],
             windows,
+            gain_modes,
             target_psnr,
             floor_psnr,
-            seed + 10_000,
+            seed + TUNE_SEED_OFFSET,
             progress,
         )
     profile.metadata["report"] = {
@@ -220,6 +230,7 @@ def _tune(
     guidance: float | None,
     cells: list[tuple[int, float]],
     windows: Sequence[float],
+    gain_modes: Sequence[str],
     target_psnr: float,
     floor_psnr: float,
     seed: int,
@@ -251,7 +262,7 @@ def _tune(
     typical = window_scale * 0.14**2
     velocity = reuse_velocity(run, base, steps, guidance or 0.0, min(1.0, typical))
     tolerances = sorted({round(window_scale * h * h, 6) for h in windows if window_scale * h * h <= 1.0})
-    variants = rule_variants(base, gains, velocity)
+    variants = rule_variants(base, gains, velocity, gain_modes)
     sweep = sweep_grid(run, variants, tolerances, cells, target_psnr, floor_psnr, progress)
     chosen = sweep.chosen
     tuned = variants[chosen["variant"]]
@@ -306,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor-psnr", type=float, default=31.0, help="every grid cell's worst image (31)")
     parser.add_argument("--grid-steps", default="20,50,100", help="step counts of the tuning grid (20,50,100)")
     parser.add_argument(
+        "--windows",
+        default=",".join(f"{w:g}" for w in DEFAULT_WINDOWS),
+        help="windows (normalized time) whose tolerances the sweep tries",
+    )
+    parser.add_argument("--gains", default="unit,fitted", help="forecast gains the sweep compares (unit,fitted)")
+    parser.add_argument(
         "--grid-guidance", default=None, help="guidance scales of the tuning grid (default: --guidance-scale and 4)"
     )
     parser.add_argument("--tune-samples", type=int, default=8, help="images of the sweep (8)")
@@ -337,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         target_psnr=args.target_psnr,
         floor_psnr=args.floor_psnr,
         grid_steps=[int(v) for v in args.grid_steps.split(",")],
+        windows=[float(v) for v in args.windows.split(",")],
+        gain_modes=args.gains.split(","),
         grid_guidance=[float(v) for v in args.grid_guidance.split(",")] if args.grid_guidance else None,
         tune_samples=args.tune_samples,
         tune_defaults=not args.no_tune,

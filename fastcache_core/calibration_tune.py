@@ -135,12 +135,16 @@ def _with_rule(profile: CacheProfile, changes: dict[str, Any]) -> CacheProfile:
     )
 
 
-def rule_variants(profile: CacheProfile, gains: torch.Tensor, velocity: float | None) -> dict[str, CacheProfile]:
-    """The variants the sweep compares: the test on (when a velocity was measured) or off, unit or
-    fitted gain."""
+def rule_variants(
+    profile: CacheProfile, gains: torch.Tensor, velocity: float | None, gain_modes: Sequence[str] = ("unit", "fitted")
+) -> dict[str, CacheProfile]:
+    """The variants the sweep compares: the test on (when a velocity was measured) or off, each gain of
+    ``gain_modes`` (unit or fitted)."""
     variants: dict[str, CacheProfile] = {}
+    known = {"unit": None, "fitted": gains}
     for test in [True, False] if velocity else [False]:
-        for gain_name, gain in (("unit", None), ("fitted", gains)):
+        for gain_name in gain_modes:
+            gain = known[gain_name]
             variant = _with_rule(profile, {"reuse_velocity": velocity if test else None})
             variant.forecast_gain = gain
             variants[f"test {'on' if test else 'off'}, {gain_name} gain"] = variant

@@ -38,7 +38,7 @@ def denoise(
         scheduler.set_timesteps(steps)
         latents = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(s.seed))
         sid = ("test", id(samples), i)
-        cache.add_sample(sid, s.params, num_steps=steps)
+        cache.add_sample(sid, s.params, num_steps=steps, guidance_scale=s.guidance if s.guidance > 1 else None)
         state.append({"sid": sid, "scheduler": scheduler, "latents": latents, "step": 0})
     iteration = 0
     with torch.no_grad():

@@ -105,10 +105,15 @@ def test_calibration_is_saved_beside_the_model_and_its_default_is_loaded(tiny_di
     tiny_dit.save_pretrained(tmp_path)
     pipe = DiTPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    _, report = calibrate(pipe, tune_samples=2, horizons=(2, 3), target_psnr=10.0, **SETTINGS)
+    _, report = calibrate(
+        pipe, tune_samples=2, windows=(0.2, 0.3), grid_steps=(6, 10), target_psnr=10.0, floor_psnr=5.0, **SETTINGS
+    )
     assert (tmp_path / "transformer" / CALIBRATION_FILENAME).is_file()
-    assert {row["guard_slack"] for row in report.tolerance_sweep} == {2.0, None}
-    assert {row["gain"] for row in report.tolerance_sweep} == {"fitted", "unit"}
+    variants = {row["variant"] for row in report.grid_sweep}
+    assert variants == {"test on, unit gain", "test on, fitted gain", "test off, unit gain", "test off, fitted gain"}
+    cells = {(row["steps"], row["guidance"]) for row in report.grid_sweep}
+    assert cells == {(6, 2.0), (10, 2.0), (6, 4.0), (10, 4.0)}, "the tuning grid spans step counts and guidance"
+    assert report.rule["measured_reuse_velocity"] > 0
     reloaded = DiTPipeline.from_pretrained(tmp_path)
     reloaded.set_progress_bar_config(disable=True)
     cache = apply_fastcache(reloaded.transformer, FastCacheConfig())

@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seed",
         type=int,
         default=None,
-        help=f"image i uses seed + i; default 0, --grid {GRID_SEED} (never calibration's)",
+        help=f"image i uses seed + i; default {GRID_SEED} (never calibration's)",
     )
     parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument(

@@ -33,6 +33,7 @@ from bench.cache.runner import ImageRunner, Measured, counted_run
 from bench.cache.schedules import best_fixed_schedule, diffusers_variants, per_sample_variants
 from bench.cache.variants import Variant, fastcache_variant
 from bench.common import clean_number
+from fastcache_core.calibration import FIT_SEED, TUNE_SEED_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,12 @@ GRID_CELLS: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {
 digits model's."""
 GRID_SAMPLES = 8
 """Images per cell by default (``--quick``: 2)."""
-GRID_SEED = 20_000
-"""Seed of the grid's image 0 by default: image ``i`` uses ``GRID_SEED + i``."""
-CALIBRATION_SEEDS = frozenset({0, 1, 2, 3, 10_000})
+GRID_SEED = 0
+"""Seed of the grid's image 0 by default: image ``i`` uses ``GRID_SEED + i`` (the benchmark's seeds)."""
+CALIBRATION_SEEDS = frozenset(range(FIT_SEED, FIT_SEED + 2 * TUNE_SEED_OFFSET))
 """Generator seeds ``fastcache-calibrate`` draws from with its defaults: the streamed fit seeds batch
-``b`` with ``seed + b`` (seed 0; 32 images in batches of 8 on the digits model: 0-3, 16 on canvas:
-0-1) and the end-to-end tuning sweep with ``seed + 10_000``. One generator per batch, so the first
-image of a batch seeded ``s`` draws the same noise as a benchmark image of seed ``s``."""
+``b`` with ``FIT_SEED + b`` and tuning image ``i`` with ``FIT_SEED + TUNE_SEED_OFFSET + i``
+(``fastcache_core.calibration``): 10,000 to 29,999 holds both."""
 MAGCACHE_SEED = 1_000_000
 """MagCache's calibration images use seeds from here on (``bench.cache.variants``)."""
 GRID_ROW_KEYS = ("method", "params", "steps", "guidance", "mac_fraction", "psnr_db", "psnr_min_db", "ssim")

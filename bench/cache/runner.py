@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import itertools
 import logging
 import sys
@@ -75,12 +74,8 @@ class ImageRunner:
 
 
 def set_run(handle: Any, steps: int, guidance: float) -> None:
-    """Tell a FastCache handle the run's step count, and its guidance scale where the library's
-    ``set_run`` takes one (a rule may adapt to both)."""
-    if "guidance_scale" in inspect.signature(handle.set_run).parameters:
-        handle.set_run(num_steps=steps, guidance_scale=guidance)
-    else:
-        handle.set_run(num_steps=steps)
+    """Tell a FastCache handle the run's step count and guidance scale (its rule adapts to both)."""
+    handle.set_run(num_steps=steps, guidance_scale=guidance)
 
 
 @dataclass

@@ -243,6 +243,11 @@ class FamilyRunner:
     def _uses_guidance(self, spec: GenerationSpec) -> bool:
         return spec.guidance_scale > 1.0
 
+    def cache_guidance(self, spec: GenerationSpec) -> float | None:
+        """The classifier-free guidance scale the sample's two rows are combined with, for the cache's
+        methods (``None``: the sample has one row)."""
+        return spec.guidance_scale if self._uses_guidance(spec) else None
+
 
 class DiTRunner(FamilyRunner):
     """Class-conditional DiT: the prompt is a label name or id; the null class 1000 is unconditional."""

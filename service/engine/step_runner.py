@@ -44,7 +44,7 @@ class StepRunner:
             for i in range(job.n):
                 spec: GenerationSpec = replace(job.spec, seed=job.spec.seed + i)
                 sample_id = (job.job_id, i)
-                self.cache.add_sample(sample_id, spec.cache, spec.steps)
+                self.cache.add_sample(sample_id, spec.cache, spec.steps, self.family.cache_guidance(spec))
                 registered.append(sample_id)
                 samples.append(self.family.prepare(sample_id, spec))
         except Exception as error:
@@ -117,7 +117,7 @@ class StepRunner:
 
     def warmup(self, spec: GenerationSpec) -> None:
         """One short generation end to end: proves the model runs before the engine reports ready."""
-        self.cache.add_sample("__warmup__", spec.cache, spec.steps)
+        self.cache.add_sample("__warmup__", spec.cache, spec.steps, self.family.cache_guidance(spec))
         try:
             sample = self.family.prepare("__warmup__", spec)
             while not sample.done:
