@@ -10,7 +10,7 @@ import torch
 from diffusers import DiTPipeline
 
 from fastcache_core import CacheParams, FastCacheConfig, apply_fastcache
-from fastcache_core.calibration import calibrate
+from fastcache_core.calibration import FIT_SEED, calibrate
 from fastcache_core.calibration_fit import FitStatistics
 from fastcache_core.profile import CALIBRATION_FILENAME, CacheProfile
 
@@ -56,7 +56,7 @@ def test_the_streamed_fit_equals_a_fit_from_every_step_in_memory(tiny_dit):
     _, report = calibrate(tiny_dit, tune_defaults=False, save_to=False, **SETTINGS)
     stats = FitStatistics(4, 3)
     for b, chunk in enumerate([[0, 1, 2, 3], [4, 5, 6, 7]]):
-        outputs, times = recorded_outputs(tiny_dit, chunk, b)
+        outputs, times = recorded_outputs(tiny_dit, chunk, FIT_SEED + b)
         for t in range(len(outputs)):
             phase = phase_of(times[t], 4)
             y = outputs[t]
