@@ -9,6 +9,8 @@ Layout (prefix ``fastcache:``):
 * ``events:<id>`` - per-step progress then the result, as a stream (SSE replays it from the start).
 * ``cancel:<id>`` - cancellation flag; ``idem:<key>`` - Idempotency-Key -> [fingerprint, job id].
 * ``model`` - what the workers' model accepts (limits), for request validation on the API.
+* ``url_secret`` - the HMAC key of the API's signed ``/v1/files`` URLs, made by the first replica
+  that needs one (``SET NX``) unless ``--result-url-secret`` gives it.
 * ``stats:results_stored`` - results stored (one per job); ``stats:results_refused`` - results of a
   second run of a job (after a reclaim race) that were refused because one was already stored.
 * channel ``done`` - completion wake-up hint (the API also polls: pub/sub alone is lossy).
@@ -44,6 +46,10 @@ class RedisLayout:
     @property
     def model(self) -> str:
         return f"{self.prefix}model"
+
+    @property
+    def url_secret(self) -> str:
+        return f"{self.prefix}url_secret"
 
     @property
     def done_channel(self) -> str:

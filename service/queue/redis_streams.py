@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from service import telemetry
-from service.engine.families import ModelLimits
+from service.model_limits import ModelLimits
 from service.queue.base import IdempotencyConflict, JobBackend, JobRecord, JobSubmission, NotReadyError, QueueFullError
 from service.queue.redis_protocol import (
     EVENTS_MAXLEN,
@@ -29,6 +30,7 @@ from service.queue.redis_protocol import (
     client_options,
     read_entries,
 )
+from service.queue.results import open_result_store, result_store_url
 from service.settings import Settings
 
 __all__ = ["LAYOUT", "RedisBackend", "RedisLayout", "STORE_RESULT_SCRIPT", "store_result"]
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 POLL_SECONDS = 1.0  # a waiter re-reads its record at least this often (the done channel wakes it sooner)
+PRUNE_INTERVAL_SECONDS = 60.0  # directory result store: how often old image files are deleted
 
 
 def outage_errors() -> tuple[type[BaseException], ...]:
@@ -68,11 +71,16 @@ class RedisBackend(JobBackend):
         self._unreachable: str | None = "not connected yet"
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.result_store = open_result_store(result_store_url(settings), shared=True)
+        secret = settings.result_url_secret
+        self._url_key: bytes | None = secret.get_secret_value().encode() if secret else None
 
     # ------------------------------------------------------------------ lifecycle and health
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._listen_loop())]
+        if self.result_store.holds_objects:
+            self._tasks.append(asyncio.create_task(self._prune_loop()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -108,6 +116,27 @@ class RedisBackend(JobBackend):
             self._limits = ModelLimits.from_dict(data["limits"])
             if not self.settings.model_name:
                 self.model_name = data["name"]
+
+    async def _prune_loop(self) -> None:
+        """Delete image files older than the job TTL (directory store; S3 objects expire by a lifecycle rule)."""
+        while True:
+            await asyncio.sleep(min(PRUNE_INTERVAL_SECONDS, self.settings.job_ttl_seconds / 4))
+            try:
+                removed = await asyncio.to_thread(self.result_store.prune, self.settings.job_ttl_seconds)
+            except OSError:
+                logger.exception("pruning the result store failed")
+                continue
+            telemetry.RESULT_OBJECTS_PRUNED.inc(removed)
+
+    async def url_signing_key(self) -> bytes:
+        """``--result-url-secret``, else the key in Redis that the first replica made (one for all replicas)."""
+        if self._url_key is None:
+            await self._op(self.redis.set(self.layout.url_secret, secrets.token_hex(32), nx=True))
+            value = await self._op(self.redis.get(self.layout.url_secret))
+            if not value:
+                raise NotReadyError("the URL signing key vanished from redis; retry")
+            self._url_key = str(value).encode()
+        return self._url_key
 
     async def _listen_loop(self) -> None:
         """Wake waiters when a worker publishes a finished job (a hint; waiters also poll)."""
@@ -156,7 +185,13 @@ class RedisBackend(JobBackend):
     async def submit(self, submission: JobSubmission, idempotency_key: str | None = None) -> JobRecord:
         ttl = self.settings.job_ttl_seconds
         job_id = uuid.uuid4().hex
-        record = JobRecord(id=job_id, status="queued", route=submission.route, output_format=submission.output_format)
+        record = JobRecord(
+            id=job_id,
+            status="queued",
+            route=submission.route,
+            output_format=submission.output_format,
+            response_format=submission.response_format,
+        )
         keys = [
             self.layout.stream,
             self.layout.job(job_id),
