@@ -58,7 +58,9 @@ class MotoServer(Process):
         """Every object key in the bucket under ``prefix``."""
         paginator = self.client().get_paginator("list_objects_v2")
         return sorted(
-            item["Key"] for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix) for item in page.get("Contents", [])
+            item["Key"]
+            for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix)
+            for item in page.get("Contents", [])
         )
 
     def env(self, endpoint: str | None = None, **extra: str) -> dict[str, str]:
