@@ -84,7 +84,7 @@ def aws_environment(endpoint: str):
 
 
 class TcpGate:
-    """A loopback TCP relay to ``target_port``: ``close()`` refuses and cuts every connection, ``open()`` relays again."""
+    """A loopback TCP relay to ``target_port``: ``close()`` refuses and cuts connections, ``open()`` relays again."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
