@@ -42,6 +42,7 @@ from service.engine.job import JobError, job_from_submission
 from service.model_limits import InvalidField, validate_spec
 from service.queue.base import JobRecord, JobSubmission
 from service.queue.redis_protocol import (
+    EVENTS_AFTER_RESULT_SECONDS,
     EVENTS_MAXLEN,
     HAND_BACK_IDLE_MS,
     HAND_BACK_SCRIPT,
@@ -456,7 +457,15 @@ class Worker:
                 self.layout.events(job_id),
                 self.layout.results_refused,
             ],
-            args=[json.dumps(record.to_dict()), self.ttl, event, self.layout.done_channel, job_id, EVENTS_MAXLEN],
+            args=[
+                json.dumps(record.to_dict()),
+                self.ttl,
+                event,
+                self.layout.done_channel,
+                job_id,
+                EVENTS_MAXLEN,
+                EVENTS_AFTER_RESULT_SECONDS,
+            ],
         )
         if stored:
             telemetry.record_request(

@@ -174,3 +174,15 @@ def test_with_s3_a_presigned_url_downloads_the_same_bytes_as_the_b64_answer(s3_c
     assert "X-Amz-Expires=3600" in linked["url"]
     download = httpx.get(linked["url"])
     assert download.status_code == 200 and download.content == base64.b64decode(inline["b64_json"])
+
+
+def test_a_finished_jobs_events_outlive_its_result_briefly_and_a_late_subscriber_gets_the_result(s3_cluster):
+    _, redis_server, api, _ = s3_cluster
+    with api.client() as client:
+        answer = generate(client, seed=23)
+        events_key = f"fastcache:events:{answer['id']}"
+        assert 0 < redis_server.client().ttl(events_key) <= 60  # the record keeps the result for the job TTL
+        assert redis_server.client().ttl(f"fastcache:job:{answer['id']}") > 60
+        redis_server.client().delete(events_key)  # as when it has expired
+        late = client.get(f"/v1/jobs/{answer['id']}/events").text
+    assert late.startswith("event: result") and '"status": "succeeded"' in late

@@ -22,6 +22,7 @@ from service import telemetry
 from service.model_limits import ModelLimits
 from service.queue.base import IdempotencyConflict, JobBackend, JobRecord, JobSubmission, NotReadyError, QueueFullError
 from service.queue.redis_protocol import (
+    EVENTS_AFTER_RESULT_SECONDS,
     EVENTS_MAXLEN,
     LAYOUT,
     STORE_RESULT_SCRIPT,
@@ -259,6 +260,11 @@ class RedisBackend(JobBackend):
         while True:
             try:
                 response = await self._op(self.redis.xread({self.layout.events(job_id): last}, block=1000, count=100))
+                if not response:
+                    finished = await self._finished_without_events(job_id)
+                    if finished is not None:
+                        yield {"type": "result", "job": finished.to_dict()}
+                        return
             except NotReadyError:  # the stream resumes where it left off once Redis is back
                 await asyncio.sleep(POLL_SECONDS)
                 continue
@@ -268,6 +274,13 @@ class RedisBackend(JobBackend):
                 yield event
                 if event["type"] == "result":
                     return
+
+    async def _finished_without_events(self, job_id: str) -> JobRecord | None:
+        """The record of a finished job whose events stream has expired (the result outlives it), else ``None``."""
+        if await self._op(self.redis.exists(self.layout.events(job_id))):
+            return None
+        record = await self.get(job_id)
+        return record if record is not None and record.terminal else None
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         record = await self._request_cancel(job_id)
@@ -312,5 +325,6 @@ async def store_result(redis_client: Any, layout: RedisLayout, record: JobRecord
         layout.done_channel,
         record.id,
         EVENTS_MAXLEN,
+        EVENTS_AFTER_RESULT_SECONDS,
     )
     return bool(stored)
