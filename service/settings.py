@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     result_url_ttl_seconds: int = Field(
         3600, ge=1, le=7 * 24 * 3600, description="how long an image URL (response_format url) stays valid"
     )
+    result_public_endpoint: str | None = Field(
+        None,
+        description="S3 store: the endpoint URL clients reach, for presigned URLs (when they cannot reach "
+        "AWS_ENDPOINT_URL, as with MinIO inside docker compose); default: AWS_ENDPOINT_URL",
+    )
     result_url_secret: SecretStr | None = Field(
         None,
         description="HMAC key of the API's signed /v1/files URLs; default: a random key shared by the replicas "
@@ -78,7 +83,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="worker: deliveries before a job is dead-lettered")
     dead_letter_maxlen: int = Field(10_000, ge=1, description="entries kept in the dead-letter stream (oldest trimmed)")
 
-    @field_validator("api_key", "redis", "model_name", "result_store", "result_url_secret", mode="before")
+    @field_validator(
+        "api_key", "redis", "model_name", "result_store", "result_url_secret", "result_public_endpoint", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # an empty FASTCACHE_API_KEY= (as compose files write it) means "no key", not "the empty key"
@@ -128,6 +135,7 @@ SERVE_FLAGS = (
     "result_store",
     "result_url_ttl_seconds",
     "result_url_secret",
+    "result_public_endpoint",
 )
 WORKER_FLAGS = (
     "redis",

@@ -115,3 +115,10 @@ def test_a_signed_url_is_refused_when_tampered_expired_or_moved_to_another_key()
     assert "signature" in verify(secret, "job/0.png", str(int(query["expires"]) + 60), query["signature"], now=1000)
     assert "expired" in verify(secret, "job/0.png", query["expires"], query["signature"], now=1061)
     assert "no valid" in verify(secret, "job/0.png", None, None)
+
+
+def test_presigned_urls_name_the_public_endpoint_when_one_is_given(moto):
+    with aws_environment(moto.endpoint):
+        store = open_result_store(f"s3://{BUCKET}/results", shared=True, public_endpoint="http://localhost:9000")
+    url = store.presigned_url("job/0.png", 60)
+    assert url is not None and url.startswith(f"http://localhost:9000/{BUCKET}/results/job/0.png?")

@@ -57,7 +57,9 @@ class LocalBackend(JobBackend):
         self._load_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._load_error: str | None = None
-        self.result_store = open_result_store(result_store_url(settings), shared=False)
+        self.result_store = open_result_store(
+            result_store_url(settings), shared=False, public_endpoint=settings.result_public_endpoint
+        )
         secret = settings.result_url_secret
         self._url_key = secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
 

@@ -72,7 +72,9 @@ class RedisBackend(JobBackend):
         self._unreachable: str | None = "not connected yet"
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self.result_store = open_result_store(result_store_url(settings), shared=True)
+        self.result_store = open_result_store(
+            result_store_url(settings), shared=True, public_endpoint=settings.result_public_endpoint
+        )
         secret = settings.result_url_secret
         self._url_key: bytes | None = secret.get_secret_value().encode() if secret else None
 

@@ -19,8 +19,9 @@ def result_store_url(settings: Settings) -> str:
     return "redis" if queue.startswith(("redis://", "rediss://", "unix://")) else "memory"
 
 
-def open_result_store(url: str, *, shared: bool) -> ResultStore:
+def open_result_store(url: str, *, shared: bool, public_endpoint: str | None = None) -> ResultStore:
     """The store named by ``url``. ``shared``: API replicas and workers are separate processes (Redis mode).
+    ``public_endpoint``: S3 only, the endpoint that presigned URLs name (``--result-public-endpoint``).
 
     ``ValueError`` (naming the flag) for a value that is not a store, or a store that cannot work in
     this mode: ``memory`` is one process's memory, ``redis`` needs the Redis queue.
@@ -47,5 +48,5 @@ def open_result_store(url: str, *, shared: bool) -> ResultStore:
             raise ValueError(f"--result-store s3:// needs a bucket (s3://bucket/prefix); got {url!r}")
         from service.queue.results.s3 import S3Store
 
-        return S3Store(parsed.netloc, parsed.path)
+        return S3Store(parsed.netloc, parsed.path, public_endpoint=public_endpoint)
     raise ValueError(f"--result-store must be memory, redis, file:///dir or s3://bucket/prefix; got {url!r}")

@@ -22,7 +22,9 @@ class S3Store(ObjectStore):
 
     scheme = "s3"
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, public_endpoint: str | None = None
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -37,7 +39,12 @@ class S3Store(ObjectStore):
             # MinIO, moto and most self-hosted endpoints are reached by host name or IP: path-style addressing
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
         )
-        self.client: Any = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+        session = boto3.session.Session()
+        self.client: Any = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        # presigned URLs name the host they are signed for: clients may reach the store by another name
+        self.presigner: Any = (
+            session.client("s3", endpoint_url=public_endpoint, config=config) if public_endpoint else self.client
+        )
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
@@ -67,7 +74,7 @@ class S3Store(ObjectStore):
 
     def presigned_url(self, key: str, expires_in: int) -> str | None:
         # signed locally with the credentials: no request to the store
-        url: str = self.client.generate_presigned_url(
+        url: str = self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=expires_in
         )
         return url
