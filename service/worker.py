@@ -1,6 +1,9 @@
 """``fastcache-worker``: runs the engine on one device and feeds it from the Redis job stream.
 
-The main thread talks to Redis; the engine's threads only denoise and encode. Each loop the main thread
+The main thread talks to Redis; the engine's threads only denoise and encode. With an object store
+(``--result-store file://`` or ``s3://``) a finished job's images are first uploaded by the uploader
+thread, retried with backoff until the store takes them; only then does the job reach the main thread,
+which stores its record (object keys, no image data). Each loop the main thread
 1. flushes what the engine produced: progress, then finished jobs (result stored by one script, *then*
    ``XACK`` + ``XDEL``; a job leaves ``in_flight`` only once both happened, so a Redis blip only delays
    it; retryable failures are handed back for another delivery);
@@ -11,6 +14,9 @@ The main thread talks to Redis; the engine's threads only denoise and encode. Ea
 4. reads new entries with ``XREADGROUP COUNT <free image slots>``; an entry whose images do not fit
    is handed back at once without costing a delivery, so no worker hoards work;
 5. forwards cancellation flags to the engine.
+
+While uploads to the object store fail, steps 3 and 4 pause (no new work whose result could not be
+stored either) and ``/readyz`` says why; heartbeats go on, so no other worker reclaims the jobs.
 
 Redis errors are retried by redis-py (``Retry`` with backoff); a longer outage only pauses steps 1-5
 while the engine keeps denoising. SIGTERM (or SIGINT) only sets a flag; the loop then stops reading,

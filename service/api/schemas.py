@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
 from fastcache_core.config import METHODS
 from service.engine.image_stats import ImageStats
@@ -79,19 +79,19 @@ class GenerateRequest(GenerationFields):
     response_format: ResponseFormat = Field("b64_json", description=RESPONSE_FORMAT_DESCRIPTION)
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class _ImageData(BaseModel):
     """An image as ``b64_json`` or as ``url``: the one it does not carry is left out of the JSON, not null."""
 
-    b64_json: str | None = Field(None, description="the image, base64-encoded in output_format (b64_json)")
-    url: str | None = Field(None, description="where to download the image until the URL expires (url)")
-
-    @model_serializer(mode="wrap")
-    def _without_the_other_form(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for name in ("b64_json", "url"):
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
+    b64_json: str | None = Field(
+        None, exclude_if=_absent, description="the image, base64-encoded in output_format (response_format b64_json)"
+    )
+    url: str | None = Field(
+        None, exclude_if=_absent, description="where to download the image until the link expires (response_format url)"
+    )
 
 
 class GeneratedImage(_ImageData):
