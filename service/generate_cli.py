@@ -29,8 +29,6 @@ from typing import Any, TextIO
 import httpx
 from tqdm import tqdm
 
-from fastcache_core.config import METHODS
-
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 EXIT_FAILED, EXIT_REJECTED, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 MAX_RETRY_WAIT_SECONDS = 60.0  # a Retry-After longer than this is capped: the user is waiting at a terminal
@@ -87,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="server-side deadline in seconds; past it the job fails with 504",
     )
     cache = parser.add_argument_group("cache (omitted: the model's calibrated defaults)")
-    cache.add_argument("--method", choices=METHODS, help="cache method")
+    cache.add_argument(
+        "--method", choices=("fastcache", "none", "taylorseer", "teacache", "fbcache"), help="cache method"
+    )
     cache.add_argument(
         "--tolerance", type=float, help="tau in [0, 1]: relative change treated as noise; 0 computes everything"
     )
