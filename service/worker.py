@@ -59,6 +59,7 @@ from service.queue.redis_protocol import (
     RedisLayout,
     as_text,
     client_options,
+    compact_json,
     read_entries,
 )
 from service.queue.results import ResultStore, open_result_store, result_store_url
@@ -426,7 +427,7 @@ class Worker:
     def _publish_event(self, job_id: str, event: dict[str, Any]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         self._progress(keys=[self.layout.job(job_id)], args=["running", event.get("step", 0), self.ttl], client=pipe)
-        pipe.xadd(self.layout.events(job_id), {"event": json.dumps(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.xadd(self.layout.events(job_id), {"event": compact_json(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.expire(self.layout.events(job_id), self.ttl)
         pipe.execute()
 
@@ -455,7 +456,7 @@ class Worker:
         record.images = result.images or None
         if result.error is not None:
             record.error = {"code": result.error.code, "message": result.error.message, "status": result.error.status}
-        event = json.dumps({"type": "result", "job": record.to_dict()})
+        event = compact_json({"type": "result", "job": record.to_dict()})
         stored = self._store(
             keys=[
                 self.layout.job(job_id),
@@ -464,7 +465,7 @@ class Worker:
                 self.layout.results_refused,
             ],
             args=[
-                json.dumps(record.to_dict()),
+                compact_json(record.to_dict()),
                 self.ttl,
                 event,
                 self.layout.done_channel,

@@ -24,6 +24,7 @@ a client retrying after an unknown outcome finds either all of it or nothing.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -217,6 +218,11 @@ def read_entries(reply: object) -> list[StreamEntry]:
     """
     streams = cast("list[tuple[str, list[StreamEntry]]]", reply or [])
     return [entry for _, entries in streams for entry in entries]
+
+
+def compact_json(value: object) -> str:
+    """JSON without the spaces after separators: what every job record and event in Redis is written as."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def as_text(value: bytes | str) -> str:

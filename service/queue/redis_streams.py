@@ -29,6 +29,7 @@ from service.queue.redis_protocol import (
     SUBMIT_SCRIPT,
     RedisLayout,
     client_options,
+    compact_json,
     read_entries,
 )
 from service.queue.results import open_result_store, result_store_url
@@ -84,6 +85,8 @@ class RedisBackend(JobBackend):
         self._tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._listen_loop())]
         if self.result_store.holds_objects:
             self._tasks.append(asyncio.create_task(self._prune_loop()))
+            # boto3 loads in the background: /readyz does not wait for it
+            self._tasks.append(asyncio.create_task(asyncio.to_thread(self.result_store.warm)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -203,7 +206,7 @@ class RedisBackend(JobBackend):
         args: list[str | int] = [
             submission.fingerprint(),
             job_id,
-            json.dumps(record.to_dict()),
+            compact_json(record.to_dict()),
             submission.to_json(),
             ttl,
             self.settings.max_queue,
@@ -313,7 +316,7 @@ class RedisBackend(JobBackend):
 
 async def store_result(redis_client: Any, layout: RedisLayout, record: JobRecord, ttl: int) -> bool:
     """Store a finished record (unless one exists) with its result event and wake-up, atomically."""
-    event = json.dumps({"type": "result", "job": record.to_dict()})
+    event = compact_json({"type": "result", "job": record.to_dict()})
     stored = await redis_client.eval(
         STORE_RESULT_SCRIPT,
         4,
@@ -321,7 +324,7 @@ async def store_result(redis_client: Any, layout: RedisLayout, record: JobRecord
         layout.results_stored,
         layout.events(record.id),
         layout.results_refused,
-        json.dumps(record.to_dict()),
+        compact_json(record.to_dict()),
         ttl,
         event,
         layout.done_channel,

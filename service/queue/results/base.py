@@ -62,6 +62,9 @@ class ResultStore(ABC):
         """A URL the store itself serves for ``expires_in`` seconds, or ``None`` (the API serves the image)."""
         return None
 
+    def warm(self) -> None:  # noqa: B027 (optional: stores with nothing to prepare keep this no-op)
+        """Prepare what the first use would (clients, imports), off the request path."""
+
     def prune(self, max_age_seconds: float) -> int:
         """Delete objects older than ``max_age_seconds``; how many (stores that expire by themselves: 0)."""
         return 0

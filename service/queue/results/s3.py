@@ -9,6 +9,7 @@ images never pass through the API. Objects expire by a lifecycle rule on the buc
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from service.queue.results.base import ImageMissing, ObjectStore, StoreUnavailable, content_type
@@ -25,26 +26,46 @@ class S3Store(ObjectStore):
     def __init__(
         self, bucket: str, prefix: str = "", endpoint_url: str | None = None, public_endpoint: str | None = None
     ) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = Config(
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            read_timeout=READ_TIMEOUT_SECONDS,
-            retries={"max_attempts": 2, "mode": "standard"},  # the worker retries uploads itself, with backoff
-            signature_version="s3v4",
-            # MinIO, moto and most self-hosted endpoints are reached by host name or IP: path-style addressing
-            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
-        )
-        session = boto3.session.Session()
-        self.client: Any = session.client("s3", endpoint_url=self.endpoint_url, config=config)
-        # presigned URLs name the host they are signed for: clients may reach the store by another name
-        self.presigner: Any = (
-            session.client("s3", endpoint_url=public_endpoint, config=config) if public_endpoint else self.client
-        )
+        self.public_endpoint = public_endpoint
+        self._clients: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Import boto3 and make the clients now (about 0.3 s of CPU), not on the first request."""
+        self._made()
+
+    def _made(self) -> tuple[Any, Any]:
+        """(the client, the presigning client), made on first use: an API replica is ready before boto3 loads."""
+        with self._lock:
+            if self._clients is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    read_timeout=READ_TIMEOUT_SECONDS,
+                    retries={"max_attempts": 2, "mode": "standard"},  # the worker retries uploads itself, with backoff
+                    signature_version="s3v4",
+                    # MinIO, moto and most self-hosted endpoints are reached by host name or IP: path-style addressing
+                    s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+                )
+                session = boto3.session.Session()
+                client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+                # presigned URLs name the host they are signed for: clients may reach the store by another name
+                presigner = (
+                    session.client("s3", endpoint_url=self.public_endpoint, config=config)
+                    if self.public_endpoint
+                    else client
+                )
+                self._clients = (client, presigner)
+            return self._clients
+
+    @property
+    def client(self) -> Any:
+        return self._made()[0]
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
@@ -74,7 +95,7 @@ class S3Store(ObjectStore):
 
     def presigned_url(self, key: str, expires_in: int) -> str | None:
         # signed locally with the credentials: no request to the store
-        url: str = self.presigner.generate_presigned_url(
+        url: str = self._made()[1].generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=expires_in
         )
         return url
