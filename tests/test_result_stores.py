@@ -72,6 +72,7 @@ def test_the_s3_store_uploads_under_its_prefix_and_presigns_a_url_that_downloads
 def test_the_s3_store_reports_a_missing_object_as_missing(moto):
     with aws_environment(moto.endpoint):
         store = open_result_store(f"s3://{BUCKET}/results", shared=True)
+        store.warm()  # the clients read the credentials when they are made
     with pytest.raises(ImageMissing):
         store.read({"key": "nojob/0.png"})
 
@@ -79,6 +80,7 @@ def test_the_s3_store_reports_a_missing_object_as_missing(moto):
 def test_the_s3_store_reports_an_unreachable_endpoint_as_unavailable():
     with aws_environment("http://127.0.0.1:9"):  # nothing listens on the discard port
         store = open_result_store(f"s3://{BUCKET}/results", shared=True)
+        store.warm()
     with pytest.raises(StoreUnavailable):
         store.keep("job3", IMAGES, "png")
 
@@ -120,5 +122,6 @@ def test_a_signed_url_is_refused_when_tampered_expired_or_moved_to_another_key()
 def test_presigned_urls_name_the_public_endpoint_when_one_is_given(moto):
     with aws_environment(moto.endpoint):
         store = open_result_store(f"s3://{BUCKET}/results", shared=True, public_endpoint="http://localhost:9000")
+        store.warm()
     url = store.presigned_url("job/0.png", 60)
     assert url is not None and url.startswith(f"http://localhost:9000/{BUCKET}/results/job/0.png?")
