@@ -10,7 +10,8 @@ started here when ``AWS_ENDPOINT_URL`` is unset; ``file``: a directory) it start
 * Redis memory per finished job: ``INFO memory`` ``used_memory`` after ``--requests`` ``/generate`` requests
   minus before, over the jobs: right after they finished (``*_just_finished``), and once each job's events
   stream has expired (``EVENTS_AFTER_RESULT_SECONDS`` later: what a job costs for the rest of its TTL);
-* ``MEMORY USAGE`` of one finished job's record, on average;
+* ``MEMORY USAGE`` summed over every key, after minus before, per job (the data alone, without the
+  allocator's and the client buffers' noise), and of one finished job's record, on average;
 * the API replica's RSS after serving them, and whether torch is mapped into it.
 """
 
@@ -63,6 +64,11 @@ def _torch_mapped(pid: int) -> bool:
     if not maps.exists():
         return False
     return any("libtorch" in line for line in maps.read_text().splitlines())
+
+
+def _key_bytes(r: Any) -> int:
+    """``MEMORY USAGE`` summed over every key: what the data takes, without allocator and buffer noise."""
+    return sum(int(r.memory_usage(key, samples=0) or 0) for key in r.scan_iter(count=1000))
 
 
 def _rss_bytes(pid: int) -> int:
@@ -165,6 +171,7 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
         warm = httpx.post(f"{url}/generate", json={**body, "seed": 0}, timeout=args.timeout)
         warm.raise_for_status()
         before = int(r.info("memory")["used_memory"])
+        keys_before = _key_bytes(r)
         progress(f"{store}: {args.requests} requests of {args.n} image(s)")
         ids, image_bytes = asyncio.run(_load(url, body, args))
         just_finished = int(r.info("memory")["used_memory"])
@@ -176,6 +183,7 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
         time.sleep(EVENTS_AFTER_RESULT_SECONDS + 2)
         r.ping()  # expiry is also lazy: touch nothing, just let the active cycle run
         steady = int(r.info("memory")["used_memory"])
+        keys_steady = _key_bytes(r)
         jobs = len(ids)
         return {
             "result_store": store,
@@ -185,6 +193,7 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
             "image_bytes_mean": clean_number(statistics.fmean(image_bytes), 1) if image_bytes else None,
             "redis_bytes_per_job_just_finished": clean_number((just_finished - before) / jobs, 1),
             "redis_bytes_per_job": clean_number((steady - before) / jobs, 1),
+            "redis_key_bytes_per_job": clean_number((keys_steady - keys_before) / jobs, 1),
             "record_memory_usage_bytes_mean": clean_number(statistics.fmean(record_bytes), 1),
             "events_memory_usage_bytes_mean": clean_number(statistics.fmean(events_bytes), 1),
             "api_rss_bytes": rss,
@@ -238,6 +247,7 @@ def main_memory(
                 "jobs",
                 "image bytes",
                 "Redis bytes/job (steady)",
+                "keys bytes/job (steady)",
                 "Redis bytes/job (just finished)",
                 "record bytes",
                 "API RSS MB",
@@ -250,6 +260,7 @@ def main_memory(
                     row["jobs"],
                     fmt(row["image_bytes_mean"], 0),
                     fmt(row["redis_bytes_per_job"], 0),
+                    fmt(row["redis_key_bytes_per_job"], 0),
                     fmt(row["redis_bytes_per_job_just_finished"], 0),
                     fmt(row["record_memory_usage_bytes_mean"], 0),
                     fmt(row["api_rss_bytes"] / 2**20, 1),

@@ -5,6 +5,7 @@
 #   sudo deploy/docker/build-local.sh            # all steps: base, build, run
 #   sudo deploy/docker/build-local.sh base       # only the local stand-in for python:3.11-slim-bookworm
 #   sudo deploy/docker/build-local.sh build      # only `buildah bud` of the Dockerfile (base must exist)
+#   sudo deploy/docker/build-local.sh api        # only `buildah bud --target api` (base must exist)
 #   sudo deploy/docker/build-local.sh run        # only the smoke run of the built image
 #   sudo deploy/docker/build-local.sh clean      # delete BUILD_DIR (images, root file system, logs)
 #
@@ -370,14 +371,16 @@ main() {
   local what="${1:-all}"
   case "$what" in
     clean) rm -rf "$BUILD_DIR"; echo "removed $BUILD_DIR"; return ;;
-    base|build|run|all) ;;
-    *) echo "usage: $0 [all|base|build|run|clean]" >&2; exit 2 ;;
+    base|build|api|run|all) ;;
+    *) echo "usage: $0 [all|base|build|api|run|clean]" >&2; exit 2 ;;
   esac
   need_tools "$what"
   trap cleanup EXIT
   case "$what" in
     base) base ;;
     build) build; summary ;;
+    api) "${PODMAN[@]}" image exists "$BASE_IMAGE" || die "no base image $BASE_IMAGE: run '$0 base' first"
+         build_api ;;
     run) run_checks; summary ;;
     all) base; build; run_checks; summary ;;
   esac
