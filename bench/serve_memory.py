@@ -10,6 +10,8 @@ started here when ``AWS_ENDPOINT_URL`` is unset; ``file``: a directory) it start
 * Redis memory per finished job: ``INFO memory`` ``used_memory`` after ``--requests`` ``/generate`` requests
   minus before, over the jobs: right after they finished (``*_just_finished``), and once each job's events
   stream has expired (``EVENTS_AFTER_RESULT_SECONDS`` later: what a job costs for the rest of its TTL);
+* the same for ``used_memory_dataset`` (``used_memory`` less Redis' own overhead: client buffers,
+  the key tables, scripts);
 * ``MEMORY USAGE`` summed over every key, after minus before, per job (the data alone, without the
   allocator's and the client buffers' noise), and of one finished job's record, on average;
 * the API replica's RSS after serving them, and whether torch is mapped into it.
@@ -170,7 +172,9 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
         body = {"prompt": "7", "n": args.n, "steps": args.steps or 50}
         warm = httpx.post(f"{url}/generate", json={**body, "seed": 0}, timeout=args.timeout)
         warm.raise_for_status()
-        before = int(r.info("memory")["used_memory"])
+        before_info = r.info("memory")
+        before = int(before_info["used_memory"])
+        dataset_before = int(before_info["used_memory_dataset"])
         keys_before = _key_bytes(r)
         progress(f"{store}: {args.requests} requests of {args.n} image(s)")
         ids, image_bytes = asyncio.run(_load(url, body, args))
@@ -182,7 +186,9 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
         progress(f"{store}: waiting {EVENTS_AFTER_RESULT_SECONDS + 2} s for the events streams to expire")
         time.sleep(EVENTS_AFTER_RESULT_SECONDS + 2)
         r.ping()  # expiry is also lazy: touch nothing, just let the active cycle run
-        steady = int(r.info("memory")["used_memory"])
+        steady_info = r.info("memory")
+        steady = int(steady_info["used_memory"])
+        dataset_steady = int(steady_info["used_memory_dataset"])
         keys_steady = _key_bytes(r)
         jobs = len(ids)
         return {
@@ -193,6 +199,7 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
             "image_bytes_mean": clean_number(statistics.fmean(image_bytes), 1) if image_bytes else None,
             "redis_bytes_per_job_just_finished": clean_number((just_finished - before) / jobs, 1),
             "redis_bytes_per_job": clean_number((steady - before) / jobs, 1),
+            "redis_dataset_bytes_per_job": clean_number((dataset_steady - dataset_before) / jobs, 1),
             "redis_key_bytes_per_job": clean_number((keys_steady - keys_before) / jobs, 1),
             "record_memory_usage_bytes_mean": clean_number(statistics.fmean(record_bytes), 1),
             "events_memory_usage_bytes_mean": clean_number(statistics.fmean(events_bytes), 1),
