@@ -186,3 +186,15 @@ def test_a_finished_jobs_events_outlive_its_result_briefly_and_a_late_subscriber
         redis_server.client().delete(events_key)  # as when it has expired
         late = client.get(f"/v1/jobs/{answer['id']}/events").text
     assert late.startswith("event: result") and '"status": "succeeded"' in late
+
+
+def test_the_default_memory_store_serves_urls_from_the_job_record(tiny_dit_dir):
+    server = Server("--model", str(tiny_dit_dir))
+    try:
+        with server.client() as client:
+            inline = generate(client, seed=31)["images"][0]
+            linked = generate(client, seed=31, response_format="url")["images"][0]
+        assert urlparse(linked["url"]).path.startswith("/v1/files/")
+        assert httpx.get(linked["url"]).content == base64.b64decode(inline["b64_json"])
+    finally:
+        server.stop()
