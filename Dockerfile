@@ -1,10 +1,12 @@
 # syntax=docker/dockerfile:1
 #
 # FastCache serving image: the API (`fastcache-serve`, the default command) and the GPU/CPU worker
-# (`fastcache-worker`) in one image.
+# (`fastcache-worker`) in one image; and `api`, the light image of the API replicas of the Redis
+# deployment (no torch, no diffusers, no models: the workers publish the model's limits in Redis).
 #
 #   CPU (default):  docker build -t fastcache-serve:cpu .
 #   CUDA 12.x:      docker build --build-arg VARIANT=cuda -t fastcache-serve:cuda .
+#   API replicas:   docker build --target api -t fastcache-serve:api .
 #
 # Every bundled model under models/ (a diffusers pipeline directory) is baked in at /app/models/<dir>;
 # the default, the digits DiT at /app/models/digits-dit, serves with no download. BUNDLED_MODELS
@@ -61,6 +63,52 @@ RUN pip install . \
     && pip check \
     && fastcache-serve --help >/dev/null \
     && fastcache-worker --help >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# API replicas (--target api): the project without its model dependencies; every import the API
+# makes in Redis mode is torch-free, which the build checks.
+FROM python-cpu AS api-builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY deploy/docker/api-requirements.txt ./
+COPY pyproject.toml README.md ./
+COPY fastcache_core ./fastcache_core
+COPY service ./service
+# hadolint ignore=DL3013
+RUN pip install --upgrade pip setuptools wheel \
+    && pip install -r api-requirements.txt \
+    && pip install --no-deps . \
+    && fastcache-serve --help >/dev/null \
+    && python -c "import sys, service.api.app, service.queue.redis_streams, service.queue.results.s3; \
+sys.exit('torch' in sys.modules)"
+
+FROM python-cpu AS api
+LABEL org.opencontainers.image.title="fastcache-serve-api" \
+      org.opencontainers.image.description="API replicas of the FastCache Redis deployment (no torch)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 fastcache \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin fastcache \
+    && mkdir -p /app
+COPY --from=api-builder /opt/venv /opt/venv
+COPY deploy/docker/healthcheck.py /usr/local/bin/fastcache-healthcheck
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    FASTCACHE_HOST=0.0.0.0 \
+    FASTCACHE_PORT=8000
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000
+# needs FASTCACHE_QUEUE=redis://...: the in-process mode loads a model, which this image cannot
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/opt/venv/bin/python", "/usr/local/bin/fastcache-healthcheck"]
+CMD ["fastcache-serve"]
 
 # ---------------------------------------------------------------------------------------------
 # Bundled models: every diffusers pipeline directory under models/ (one with a model_index.json;

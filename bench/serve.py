@@ -45,6 +45,7 @@ from bench.common import (
     write_json,
 )
 from bench.load import MIXED_CACHE, Cluster, Outcome, open_loop, sequential
+from bench.serve_memory import STORES, main_memory
 from bench.serve_mix import MIXES, main_mix
 
 DEFAULT_LOAD_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -170,6 +171,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"these mixes (comma list of {', '.join(MIXES)}; all when given alone); see bench/README.md",
     )
     parser.add_argument(
+        "--memory",
+        nargs="?",
+        const="redis,s3",
+        default=None,
+        help=f"instead: Redis memory per finished job and the API replica's RSS and ready time, per result store "
+        f"(comma list of {', '.join(STORES)}; redis,s3 when given alone; s3 uses AWS_ENDPOINT_URL or starts "
+        "moto_server); see bench/README.md",
+    )
+    parser.add_argument(
         "--mix-sizes",
         default=None,
         help="--mix resolutions: the common and the rarer size, e.g. 32,48; unset: native and 1.5x native",
@@ -197,6 +207,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--mix takes {', '.join(MIXES)}; got {unknown or 'nothing'}")
         if args.mixed_cache:
             parser.error("--mix cache already mixes the cache settings of --mixed-cache: leave --mixed-cache out")
+    if args.memory is not None:
+        args.memory = [m.strip() for m in args.memory.split(",") if m.strip()]
+        unknown = [m for m in args.memory if m not in STORES]
+        if unknown or not args.memory:
+            parser.error(f"--memory takes {', '.join(STORES)}; got {unknown or 'nothing'}")
+        if args.mix is not None:
+            parser.error("--memory and --mix are separate benchmarks: give one")
     if args.mix_sizes:
         try:
             args.mix_sizes = [int(v) for v in args.mix_sizes.split(",")]
@@ -239,6 +256,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="bench-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        try:
+            result = main_memory(args, argv, log_dir, _progress)
+        except BaseException:
+            _progress(f"failed; service logs kept in {log_dir}")
+            raise
+        if not args.logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        return result
     if args.mix:
         try:
             result = main_mix(args, argv, log_dir, _progress)

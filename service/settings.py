@@ -57,6 +57,25 @@ class Settings(BaseSettings):
         description="torch CPU threads; default on CPU: one fewer than torch's choice (a core for HTTP and encoding)",
     )
     log_level: str = Field("info")
+    result_store: str | None = Field(
+        None,
+        description="where finished images rest: memory, redis, file:///dir or s3://bucket/prefix "
+        "(S3 endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_DEFAULT_REGION); default: memory in-process, redis with a Redis queue",
+    )
+    result_url_ttl_seconds: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="how long an image URL (response_format url) stays valid"
+    )
+    result_public_endpoint: str | None = Field(
+        None,
+        description="S3 store: the endpoint URL clients reach, for presigned URLs (when they cannot reach "
+        "AWS_ENDPOINT_URL, as with MinIO inside docker compose); default: AWS_ENDPOINT_URL",
+    )
+    result_url_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key of the API's signed /v1/files URLs; default: a random key shared by the replicas "
+        "through Redis (in-process: one per process)",
+    )
     # worker only
     redis: str | None = Field(None, description="worker: redis:// URL of the job stream")
     metrics_port: int = Field(9100, ge=0, le=65535, description="worker: port of its /metrics")
@@ -64,7 +83,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="worker: deliveries before a job is dead-lettered")
     dead_letter_maxlen: int = Field(10_000, ge=1, description="entries kept in the dead-letter stream (oldest trimmed)")
 
-    @field_validator("api_key", "redis", "model_name", mode="before")
+    @field_validator(
+        "api_key", "redis", "model_name", "result_store", "result_url_secret", "result_public_endpoint", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # an empty FASTCACHE_API_KEY= (as compose files write it) means "no key", not "the empty key"
@@ -111,6 +132,10 @@ SERVE_FLAGS = (
     "redis_timeout",
     "threads",
     "log_level",
+    "result_store",
+    "result_url_ttl_seconds",
+    "result_url_secret",
+    "result_public_endpoint",
 )
 WORKER_FLAGS = (
     "redis",
@@ -131,6 +156,7 @@ WORKER_FLAGS = (
     "redis_timeout",
     "threads",
     "log_level",
+    "result_store",
 )
 
 

@@ -127,6 +127,17 @@ RESULTS_PRUNED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+RESULT_UPLOADS = Counter(
+    "fastcache_result_uploads_total",
+    "Attempts to upload a finished job's images to the object store (error: retried with backoff).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RESULT_OBJECTS_PRUNED = Counter(
+    "fastcache_result_objects_pruned_total",
+    "Image files older than the job TTL deleted from the directory result store.",
+    registry=REGISTRY,
+)
 
 for _reason in ("queue_full", "not_ready", "unauthorized", "invalid", "body_too_large"):
     REJECTED.labels(reason=_reason)

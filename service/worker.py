@@ -1,6 +1,9 @@
 """``fastcache-worker``: runs the engine on one device and feeds it from the Redis job stream.
 
-The main thread talks to Redis; the engine's threads only denoise and encode. Each loop the main thread
+The main thread talks to Redis; the engine's threads only denoise and encode. With an object store
+(``--result-store file://`` or ``s3://``) a finished job's images are first uploaded by the uploader
+thread, retried with backoff until the store takes them; only then does the job reach the main thread,
+which stores its record (object keys, no image data). Each loop the main thread
 1. flushes what the engine produced: progress, then finished jobs (result stored by one script, *then*
    ``XACK`` + ``XDEL``; a job leaves ``in_flight`` only once both happened, so a Redis blip only delays
    it; retryable failures are handed back for another delivery);
@@ -11,6 +14,9 @@ The main thread talks to Redis; the engine's threads only denoise and encode. Ea
 4. reads new entries with ``XREADGROUP COUNT <free image slots>``; an entry whose images do not fit
    is handed back at once without costing a delivery, so no worker hoards work;
 5. forwards cancellation flags to the engine.
+
+While uploads to the object store fail, steps 3 and 4 pause (no new work whose result could not be
+stored either) and ``/readyz`` says why; heartbeats go on, so no other worker reclaims the jobs.
 
 Redis errors are retried by redis-py (``Retry`` with backoff); a longer outage only pauses steps 1-5
 while the engine keeps denoising. SIGTERM (or SIGINT) only sets a flag; the loop then stops reading,
@@ -38,10 +44,11 @@ import redis
 
 from service import telemetry
 from service.engine.engine import Engine, Job, JobResult
-from service.engine.families import InvalidField, validate_spec
-from service.engine.job import JobError
+from service.engine.job import JobError, job_from_submission
+from service.model_limits import InvalidField, validate_spec
 from service.queue.base import JobRecord, JobSubmission
 from service.queue.redis_protocol import (
+    EVENTS_AFTER_RESULT_SECONDS,
     EVENTS_MAXLEN,
     HAND_BACK_IDLE_MS,
     HAND_BACK_SCRIPT,
@@ -52,8 +59,11 @@ from service.queue.redis_protocol import (
     RedisLayout,
     as_text,
     client_options,
+    compact_json,
     read_entries,
 )
+from service.queue.results import ResultStore, open_result_store, result_store_url
+from service.queue.results.upload import Uploader
 from service.settings import WORKER_FLAGS, Settings, parse_settings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +72,7 @@ RETRYABLE_MIN_STATUS = 500  # server-side failures are retried on another delive
 IDLE_BLOCK_MS = 1000  # an idle worker blocks this long on the stream (a new entry wakes it at once)
 OUTAGE_PAUSE_SECONDS = 0.5  # after a failed Redis round, collect engine output this long before trying again
 STOP_GRACE_SECONDS = 5.0  # after the drain deadline: time for the engine to stop at a step boundary
+PRUNE_INTERVAL_SECONDS = 60.0  # directory result store: how often old image files are deleted
 
 
 def redis_outage_errors() -> tuple[type[BaseException], ...]:
@@ -79,7 +90,14 @@ class _InFlight:
 class Worker:
     """The Redis side of one worker process."""
 
-    def __init__(self, settings: Settings, engine: Engine, client: redis.Redis, layout: RedisLayout = LAYOUT) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        client: redis.Redis,
+        layout: RedisLayout = LAYOUT,
+        result_store: ResultStore | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.redis = client
@@ -100,7 +118,11 @@ class Worker:
         self._progress = self.redis.register_script(UPDATE_PROGRESS_SCRIPT)
         self._heartbeat_script = self.redis.register_script(HEARTBEAT_SCRIPT)
         self._hand_back_script = self.redis.register_script(HAND_BACK_SCRIPT)
-        self._next = {"heartbeat": 0.0, "reclaim": 0.0, "cancellations": 0.0, "register": 0.0}
+        self._next = {"heartbeat": 0.0, "reclaim": 0.0, "cancellations": 0.0, "register": 0.0, "prune": 0.0}
+        self.result_store = result_store or open_result_store(result_store_url(settings), shared=True)
+        # object stores: images are uploaded off the main thread (which keeps heartbeats and progress going)
+        # before the result is stored in Redis and the entry acknowledged
+        self.uploader = Uploader(self.result_store) if self.result_store.holds_objects else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,8 +166,14 @@ class Worker:
         if self.stopping:
             self._collect_engine_output(0.05)
             return
-        self._reclaim()
-        self._read()
+        self._prune_objects()
+        if self.uploader is not None and self.uploader.stalled:
+            # the object store is down: take no new work (its results could not be stored either); what is
+            # running finishes and waits for the store, its entries kept fresh by the heartbeat
+            self._collect_engine_output(OUTAGE_PAUSE_SECONDS)
+        else:
+            self._reclaim()
+            self._read()
         self._forward_cancellations()
 
     def _begin_stop(self) -> None:
@@ -166,7 +194,14 @@ class Worker:
 
     def _stop_progress(self) -> bool:
         """While stopping: whether the worker may exit now."""
-        settled = not self.engine.running and self.outbox.empty() and not self._unflushed and not self._hand_back
+        uploads_done = self.uploader is None or self.uploader.idle
+        settled = (
+            not self.engine.running
+            and uploads_done
+            and self.outbox.empty()
+            and not self._unflushed
+            and not self._hand_back
+        )
         if settled:
             return True
         if self._drain_deadline is None or time.monotonic() < self._drain_deadline:  # set by _begin_stop
@@ -177,6 +212,8 @@ class Worker:
             self.engine.stop_now()
             self.engine.join(STOP_GRACE_SECONDS)
             return False
+        if self.uploader is not None:  # results still waiting for the store stay pending for another worker
+            self.uploader.abandon()
         # one last attempt at Redis is over: whatever is not stored stays pending for another worker
         if self._unflushed or not self.outbox.empty() or self._hand_back:
             logger.warning(
@@ -306,16 +343,12 @@ class Worker:
             self._give_back(entry_id, refund=True)
             return 0
         created = record.created_at if record is not None else time.time()
-        job = Job(
-            job_id=job_id,
-            spec=submission.spec,
-            n=submission.n,
-            output_format=submission.output_format,
-            route=submission.route,
-            submitted_at=created,
-            deadline=created + submission.timeout_seconds,
+        job = job_from_submission(
+            job_id,
+            submission,
+            created,
             on_event=lambda event: self.outbox.put(("event", job_id, event)),
-            on_done=lambda result: self.outbox.put(("done", job_id, result)),
+            on_done=lambda result: self._on_done(job_id, submission.output_format, result),
         )
         try:
             self.engine.submit(job)
@@ -325,6 +358,26 @@ class Worker:
             return 0
         self.in_flight[job_id] = _InFlight(entry_id, job_id, job)
         return submission.n
+
+    def _on_done(self, job_id: str, output_format: str, result: JobResult) -> None:
+        """A finished job (on an engine thread): to the uploader first when its images go to an object store."""
+        if self.uploader is None or not result.images:
+            self.outbox.put(("done", job_id, result))
+            return
+
+        def uploaded(images: list[dict[str, Any]]) -> None:
+            self.outbox.put(("done", job_id, JobResult(result.status, images, result.error)))
+
+        self.uploader.submit(job_id, result.images, output_format, uploaded)
+
+    def _prune_objects(self) -> None:
+        """Delete image files older than the job TTL (directory store) every ``PRUNE_INTERVAL_SECONDS``."""
+        if self.uploader is None or not self._due("prune", min(PRUNE_INTERVAL_SECONDS, self.ttl / 4)):
+            return
+        try:
+            telemetry.RESULT_OBJECTS_PRUNED.inc(self.result_store.prune(self.ttl))
+        except OSError as error:
+            logger.warning("pruning the result store failed: %s", error)
 
     def _give_back(self, entry_id: str, refund: bool) -> None:
         """Queue an entry for handing back (done at the start of the next round, retried until Redis takes it)."""
@@ -374,7 +427,7 @@ class Worker:
     def _publish_event(self, job_id: str, event: dict[str, Any]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         self._progress(keys=[self.layout.job(job_id)], args=["running", event.get("step", 0), self.ttl], client=pipe)
-        pipe.xadd(self.layout.events(job_id), {"event": json.dumps(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.xadd(self.layout.events(job_id), {"event": compact_json(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.expire(self.layout.events(job_id), self.ttl)
         pipe.execute()
 
@@ -403,7 +456,7 @@ class Worker:
         record.images = result.images or None
         if result.error is not None:
             record.error = {"code": result.error.code, "message": result.error.message, "status": result.error.status}
-        event = json.dumps({"type": "result", "job": record.to_dict()})
+        event = compact_json({"type": "result", "job": record.to_dict()})
         stored = self._store(
             keys=[
                 self.layout.job(job_id),
@@ -411,7 +464,15 @@ class Worker:
                 self.layout.events(job_id),
                 self.layout.results_refused,
             ],
-            args=[json.dumps(record.to_dict()), self.ttl, event, self.layout.done_channel, job_id, EVENTS_MAXLEN],
+            args=[
+                compact_json(record.to_dict()),
+                self.ttl,
+                event,
+                self.layout.done_channel,
+                job_id,
+                EVENTS_MAXLEN,
+                EVENTS_AFTER_RESULT_SECONDS,
+            ],
         )
         if stored:
             telemetry.record_request(
@@ -533,6 +594,8 @@ def _unready_reason(worker: Worker | None) -> str | None:
         return "shutting down"
     if not worker.redis_ok:
         return worker.redis_error or "redis unreachable"
+    if worker.uploader is not None and worker.uploader.stalled:
+        return worker.uploader.stalled
     return None
 
 
@@ -552,6 +615,10 @@ def run_worker(settings: Settings) -> None:
     url = settings.redis or (settings.queue if settings.queue.startswith("redis") else None)
     if not url:
         raise SystemExit("fastcache-worker needs --redis redis://host:port/db (or FASTCACHE_REDIS)")
+    try:
+        result_store = open_result_store(result_store_url(settings), shared=True)
+    except ValueError as error:
+        raise SystemExit(f"fastcache-worker: {error}") from error
     holder: dict[str, Any] = {"settings": settings, "worker": None}
     server = serve_operations(holder, settings.host, settings.metrics_port)  # /healthz answers during the load
     stop_early = threading.Event()  # a signal while the model loads
@@ -563,7 +630,7 @@ def run_worker(settings: Settings) -> None:
         # the socket timeout must outlast the idle XREADGROUP block
         timeout = max(settings.redis_timeout, IDLE_BLOCK_MS / 1000 + 1.0)
         client = redis.Redis.from_url(url, **client_options(timeout, asynchronous=False))
-        worker = Worker(settings, engine, client)
+        worker = Worker(settings, engine, client, result_store=result_store)
         holder["worker"] = worker
         signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
         signal.signal(signal.SIGINT, lambda *_: worker.request_stop())

@@ -102,7 +102,7 @@ class Server(Process):
 class WorkerProcess(Process):
     """``python -m service.worker`` feeding from ``redis_url``, metrics on a free loopback port."""
 
-    def __init__(self, redis_url: str, *flags: str, wait_ready: bool = True) -> None:
+    def __init__(self, redis_url: str, *flags: str, wait_ready: bool = True, env: dict[str, str] | None = None) -> None:
         self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.metrics_port}"
         super().__init__(
@@ -119,6 +119,7 @@ class WorkerProcess(Process):
                 *flags,
             ],
             "worker",
+            env,
         )
         if wait_ready:
             wait_until(

@@ -310,6 +310,20 @@ def test_bench_serve_rejects_bad_mix_flags(argv):
         serve.parse_args(argv)
 
 
+@pytest.mark.parametrize("argv", [["--memory", "nope"], ["--memory", "redis,ftp"], ["--memory", "--mix"]])
+def test_bench_serve_rejects_bad_memory_flags(argv):
+    from bench import serve
+
+    with pytest.raises(SystemExit):
+        serve.parse_args(argv)
+
+
+def test_bench_serve_memory_defaults_to_redis_against_s3():
+    from bench import serve
+
+    assert serve.parse_args(["--memory"]).memory == ["redis", "s3"]
+
+
 def test_fastcache_margin_interpolates_along_the_tolerance_sweep():
     from bench.cache import fastcache_margins
 

@@ -69,7 +69,8 @@ HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 BUNDLE_MODELS = DEPLOY / "docker" / "bundle-models.sh"
 BUILD_LOCAL = DEPLOY / "docker" / "build-local.sh"
 SMOKE = DEPLOY / "docker" / "smoke.py"
-OFFICIAL_IMAGES = ("redis", "prom/prometheus", "grafana/grafana")
+OFFICIAL_IMAGES = ("redis", "prom/prometheus", "grafana/grafana", "minio/minio", "minio/mc")
+API_REQUIREMENTS = DEPLOY / "docker" / "api-requirements.txt"
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -339,7 +340,7 @@ def test_gpu_request_and_images_per_overlay(rendered):
     worker = container(one(gpu, "Deployment", "fastcache-worker"), "worker")
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert worker["image"] == "fastcache-serve:cuda"
-    assert container(one(gpu, "Deployment", "fastcache-api"), "api")["image"] == "fastcache-serve:cpu"
+    assert container(one(gpu, "Deployment", "fastcache-api"), "api")["image"] == "fastcache-serve:api"
     assert config_data(gpu)["FASTCACHE_DEVICE"] == "cuda"
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(cpu), "cpu-local must request no GPU"
     assert config_data(cpu)["FASTCACHE_DEVICE"] == "cpu"
@@ -351,9 +352,18 @@ def test_gpu_request_and_images_per_overlay(rendered):
         }
         placeholders = [i for i in images if i.startswith(("fastcache-serve-api", "fastcache-serve-worker"))]
         assert not placeholders, f"base image placeholders left: {placeholders}"
-    assert {c["image"] for w in objects(cpu, "Deployment").values() for c in pod_spec(w)["containers"]} == {
-        "fastcache-serve:cpu"
-    }
+    assert container(one(cpu, "Deployment", "fastcache-worker"), "worker")["image"] == "fastcache-serve:cpu"
+    assert container(one(cpu, "Deployment", "fastcache-api"), "api")["image"] == "fastcache-serve:api"
+
+
+def test_the_gpu_overlay_stores_images_in_an_object_store_with_credentials_from_a_secret(rendered):
+    docs = rendered["gpu-cluster"]
+    data = config_data(docs)
+    assert data["FASTCACHE_RESULT_STORE"].startswith("s3://") and data["AWS_ENDPOINT_URL"].startswith("https://")
+    for name, cname in (("fastcache-api", "api"), ("fastcache-worker", "worker")):
+        env = {v["name"]: v for v in container(one(docs, "Deployment", name), cname).get("env") or []}
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "fastcache-object-store", (name, var)
 
 
 def test_monitoring_objects_come_from_the_single_sources(rendered, dashboard):
@@ -625,7 +635,17 @@ def test_compose_stack_is_complete_and_self_contained():
                 assert (REPO / source).exists(), f"{name}: mounted {source} is not in the repository"
             else:
                 assert source in (compose.get("volumes") or {}), f"{name}: volume {source} not declared"
-    assert set(built) == {"api", "worker"} and len(set(built.values())) == 1
+    assert set(built) == {"api", "worker"}
+    # the API runs the light image (the Dockerfile's `api` target), the worker the full one
+    assert built["api"] == "fastcache-serve:api" and services["api"]["build"]["target"] == "api"
+    assert built["worker"] == "fastcache-serve:cpu" and "target" not in services["worker"]["build"]
+    # both store the images in the compose MinIO, which publishes the port the presigned URLs name
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["FASTCACHE_RESULT_STORE"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert "9000:9000" in services["minio"]["ports"]
+    assert services["api"]["environment"]["FASTCACHE_RESULT_PUBLIC_ENDPOINT"] == "http://localhost:9000"
+    assert services["api"]["depends_on"]["minio-setup"]["condition"] == "service_completed_successfully"
 
     api, worker = services["api"], services["worker"]
     assert api["command"][0] == "fastcache-serve" and worker["command"][0] == "fastcache-worker"
@@ -822,6 +842,31 @@ def test_dockerfile_variants_user_healthcheck_and_model():
             assert not dockerignore_excludes(DOCKERIGNORE, source), f"COPY {source}: excluded by .dockerignore"
 
 
+def test_the_api_target_installs_the_api_requirements_and_no_torch():
+    steps = dockerfile_instructions(DOCKERFILE)
+    starts = [i for i, (word, _) in enumerate(steps) if word == "FROM"]
+    stages = {}
+    for begin, end in zip(starts, [*starts[1:], len(steps)], strict=True):
+        stages[steps[begin][1].split(" AS ")[-1].strip()] = steps[begin:end]
+    assert {"api-builder", "api"} <= set(stages)
+    builder = " ".join(args for _, args in stages["api-builder"])
+    assert "pip install -r api-requirements.txt" in builder and "pip install --no-deps ." in builder
+    requirements = [line for line in API_REQUIREMENTS.read_text().splitlines() if line[:1].isalpha()]
+    assert not [line for line in requirements if line.startswith(("torch", "diffusers", "transformers"))]
+    assert "'torch' in sys.modules" in builder, "the build checks that the API imports no torch"
+    api = stages["api"]
+    assert [a for w, a in api if w == "USER"][-1].split(":")[0] not in {"root", "0"}
+    assert json.loads([a for w, a in api if w == "CMD"][-1]) == ["fastcache-serve"]
+    assert list(stages)[-1] == "runtime", "`docker build .` still builds the full image"
+
+
+def test_api_requirements_are_the_projects_own_dependencies():
+    tomllib = __import__("tomllib")
+    declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    wanted = [line.strip() for line in API_REQUIREMENTS.read_text().splitlines() if line.strip()[:1].isalpha()]
+    assert wanted and set(wanted) <= declared, set(wanted) - declared
+
+
 def test_dockerignore_keeps_the_context_small():
     for path in (
         ".venv/bin/python",
@@ -839,6 +884,7 @@ def test_dockerignore_keeps_the_context_small():
         "models/digits-dit/vae/config.json",
         "deploy/docker/healthcheck.py",
         "deploy/docker/bundle-models.sh",
+        "deploy/docker/api-requirements.txt",
         "pyproject.toml",
         "README.md",
     ):

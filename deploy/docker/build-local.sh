@@ -5,6 +5,7 @@
 #   sudo deploy/docker/build-local.sh            # all steps: base, build, run
 #   sudo deploy/docker/build-local.sh base       # only the local stand-in for python:3.11-slim-bookworm
 #   sudo deploy/docker/build-local.sh build      # only `buildah bud` of the Dockerfile (base must exist)
+#   sudo deploy/docker/build-local.sh api        # only `buildah bud --target api` (base must exist)
 #   sudo deploy/docker/build-local.sh run        # only the smoke run of the built image
 #   sudo deploy/docker/build-local.sh clean      # delete BUILD_DIR (images, root file system, logs)
 #
@@ -14,15 +15,17 @@
 # 2. build: `buildah bud` of the repository's Dockerfile, unchanged, with --build-arg
 #           PYTHON_IMAGE=$BASE_IMAGE; where download.pytorch.org is unreachable, torch comes from a
 #           local copy of its wheel index (--build-arg TORCH_INDEX_MIRROR=http://127.0.0.1:PORT/simple).
+#           Then its `api` target (the API replicas' image, no torch) as $API_IMAGE.
 # 3. run:   podman runs the image as Kubernetes runs it (user 10001, read-only root, /tmp and
 #           /models writable, all capabilities dropped) and checks from outside: the API alone
 #           (/readyz, POST /generate -> PNG, /metrics, the image's HEALTHCHECK), then the scale-out
 #           pair against a redis-server on the host (appendonly yes, as compose and Kubernetes
-#           run it): a worker container and an API container on the Redis queue, one generation
-#           through them. Prints each step, the build time, the time to ready and the image size.
+#           run it): a worker container and an API container ($API_IMAGE: no torch in it) on the
+#           Redis queue, one generation through them. Prints each step, the build time, the time to
+#           ready and the image sizes.
 #
 # Environment: BUILD_DIR (/var/tmp/fastcache-build: container storage, root file system, logs; never
-# inside the repository), IMAGE (fastcache-serve:cpu), BASE_IMAGE (localhost/python-local:3.11-slim-bookworm),
+# inside the repository), IMAGE (fastcache-serve:cpu), API_IMAGE (fastcache-serve:api), BASE_IMAGE (localhost/python-local:3.11-slim-bookworm),
 # DEBIAN_MIRROR (debootstrap's default), TORCH_INDEX_MIRROR (use this torch wheel index),
 # TORCH_WHEELS (a directory with the torch wheel for the local index, default /opt/wheels),
 # READY_TIMEOUT (600 s), HOST_CA_DIR (/usr/local/share/ca-certificates: local CA certificates that the
@@ -34,6 +37,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-/var/tmp/fastcache-build}"
 IMAGE="${IMAGE:-fastcache-serve:cpu}"
+API_IMAGE="${API_IMAGE:-fastcache-serve:api}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/python-local:3.11-slim-bookworm}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-}"
 TORCH_WHEELS="${TORCH_WHEELS:-/opt/wheels}"
@@ -208,13 +212,26 @@ build() {
   { grep -E '^\[[0-9]+/[0-9]+\] STEP [0-9]+/' "$BUILD_DIR/logs/build.log" || true; } | sed 's/^/    /' | cut -c1-150
   info "built $IMAGE in ${BUILD_SECONDS} s: $(human "$(image_size)") (uncompressed)"
   echo "$BUILD_SECONDS" >"$BUILD_DIR/build-seconds"
+  build_api
+}
+
+build_api() {
+  step "buildah bud --target api $API_IMAGE (the API replicas' image); log: $BUILD_DIR/logs/build-api.log"
+  local start=$SECONDS
+  if ! "${BUILDAH[@]}" bud --isolation chroot --network host --format docker --pull=false \
+      --target api --build-arg PYTHON_IMAGE="$BASE_IMAGE" \
+      -f "$REPO/Dockerfile" -t "$API_IMAGE" "$REPO" >"$BUILD_DIR/logs/build-api.log" 2>&1; then
+    tail -n 30 "$BUILD_DIR/logs/build-api.log" >&2
+    die "buildah bud --target api failed, see $BUILD_DIR/logs/build-api.log"
+  fi
+  info "built $API_IMAGE in $((SECONDS - start)) s: $(human "$(image_size "$API_IMAGE")") (uncompressed)"
 }
 
 stop_torch_index() {
   if [ -n "$TORCH_INDEX_PID" ]; then kill "$TORCH_INDEX_PID" 2>/dev/null || true; TORCH_INDEX_PID=""; fi
 }
 
-image_size() { "${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE"; }
+image_size() { "${PODMAN[@]}" image inspect --format '{{.Size}}' "${1:-$IMAGE}"; }
 
 # -------------------------------------------------------------------------------------------- run
 REDIS_PID=""
@@ -312,12 +329,18 @@ run_checks() {
   healthcheck "$RUN_ID-worker"
   info "Redis: $(redis-cli -p "$redis_port" client list | grep -vc 'cmd=client') client connection(s) from the worker"
 
-  step "podman run $IMAGE with FASTCACHE_QUEUE=$redis_url: one generation through the worker"
+  "${PODMAN[@]}" image exists "$API_IMAGE" || die "no image $API_IMAGE: run '$0 build' first"
+  step "podman run $API_IMAGE with FASTCACHE_QUEUE=$redis_url: one generation through the worker"
   local api2_port api2_url
   api2_port=$(free_port); api2_url="http://127.0.0.1:$api2_port"
-  run_container "$RUN_ID-api-redis" -e FASTCACHE_PORT="$api2_port" -e FASTCACHE_QUEUE="$redis_url" "$IMAGE"
+  start=$(date +%s.%N)
+  run_container "$RUN_ID-api-redis" -e FASTCACHE_PORT="$api2_port" -e FASTCACHE_QUEUE="$redis_url" "$API_IMAGE"
   smoke ready "$api2_url" --timeout "$READY_TIMEOUT" >/dev/null \
     || show_logs_and_die "$RUN_ID-api-redis" "API on the Redis queue: /readyz did not answer 200"
+  info "$API_IMAGE: /readyz 200 $(since "$start") s after podman run"
+  "${PODMAN[@]}" exec "$RUN_ID-api-redis" python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    || show_logs_and_die "$RUN_ID-api-redis" "$API_IMAGE has torch installed"
+  info "$API_IMAGE: no torch installed"
   check "POST /generate via Redis" "$RUN_ID-worker" generate "$api2_url"
   local consumers
   consumers=$(redis-cli -p "$redis_port" xinfo consumers fastcache:jobs fastcache-workers | grep -c '^name$' || true)
@@ -337,6 +360,8 @@ run_checks() {
 summary() {
   step "summary"
   info "image $IMAGE: $(human "$(image_size)") uncompressed ($(image_size) bytes)"
+  "${PODMAN[@]}" image exists "$API_IMAGE" \
+    && info "image $API_IMAGE: $(human "$(image_size "$API_IMAGE")") uncompressed ($(image_size "$API_IMAGE") bytes)"
   [ -f "$BUILD_DIR/build-seconds" ] && info "build time: $(cat "$BUILD_DIR/build-seconds") s (buildah bud, this machine)"
   [ -n "${READY_SECONDS:-}" ] && info "time to ready: ${READY_SECONDS} s (container start to /readyz 200, API with the bundled model; podman run itself: ${CREATE_SECONDS} s)"
   info "all checks passed"
@@ -346,14 +371,16 @@ main() {
   local what="${1:-all}"
   case "$what" in
     clean) rm -rf "$BUILD_DIR"; echo "removed $BUILD_DIR"; return ;;
-    base|build|run|all) ;;
-    *) echo "usage: $0 [all|base|build|run|clean]" >&2; exit 2 ;;
+    base|build|api|run|all) ;;
+    *) echo "usage: $0 [all|base|build|api|run|clean]" >&2; exit 2 ;;
   esac
   need_tools "$what"
   trap cleanup EXIT
   case "$what" in
     base) base ;;
     build) build; summary ;;
+    api) "${PODMAN[@]}" image exists "$BASE_IMAGE" || die "no base image $BASE_IMAGE: run '$0 base' first"
+         build_api ;;
     run) run_checks; summary ;;
     all) base; build; run_checks; summary ;;
   esac

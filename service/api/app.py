@@ -9,7 +9,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import telemetry
-from service.api import routes_generate, routes_health, routes_models, routes_openai, routes_playground
+from service.api import (
+    routes_files,
+    routes_generate,
+    routes_health,
+    routes_models,
+    routes_openai,
+    routes_playground,
+)
 from service.api.errors import APIError, install_error_handlers, problem_response
 from service.queue.base import JobBackend
 from service.settings import Settings
@@ -91,6 +98,7 @@ def create_app(settings: Settings, backend: JobBackend) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_models.router)
     app.include_router(routes_playground.router)
+    app.include_router(routes_files.router)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app
 

@@ -9,11 +9,11 @@ import secrets
 
 from fastapi import Request
 
-from fastcache_core import CacheParams
+from fastcache_core.config import CacheParams
 from service import telemetry
 from service.api.errors import APIError, ClientDisconnected
 from service.api.schemas import GenerationFields
-from service.engine.families import GenerationSpec, InvalidField, validate_spec
+from service.model_limits import GenerationSpec, InvalidField, validate_spec
 from service.queue.base import (
     IdempotencyConflict,
     JobBackend,
@@ -62,6 +62,7 @@ def build_submission(
     height: int | None,
     output_format: str,
     route: str,
+    response_format: str = "b64_json",
 ) -> JobSubmission:
     """Resolve defaults against the served model and validate what only the model can judge."""
     settings = settings_of(request)
@@ -100,6 +101,7 @@ def build_submission(
         route=route,
         timeout_seconds=timeout,
         request_fingerprint=fingerprint,
+        response_format=response_format,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from service.api.delivery import deliver_images
 from service.api.deps import backend_of, build_submission, failure, require_api_key, submit, wait_for_result
 from service.api.errors import APIError
 from service.api.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobStatus
@@ -19,13 +20,14 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["generation"])
 WAIT_MARGIN_SECONDS = 30.0
 
 
-def to_response(record: JobRecord, model: str) -> GenerateResponse:
+async def to_response(request: Request, record: JobRecord, model: str) -> GenerateResponse:
+    """A succeeded job's answer, its images as ``b64_json`` or ``url`` as the job asked."""
     return GenerateResponse(
         id=record.id,
         model=model,
         created=int(record.created_at),
         output_format=record.output_format,
-        images=record.images or [],
+        images=await deliver_images(request, record),
     )
 
 
@@ -40,6 +42,7 @@ def _submission_of(request: Request, body: GenerateRequest, route: str) -> JobSu
         height=body.height,
         output_format=body.output_format,
         route=route,
+        response_format=body.response_format,
     )
 
 
@@ -53,7 +56,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         raise APIError(504, "deadline_exceeded", "the request did not finish in time")
     if record.status != "succeeded":
         raise failure(record)
-    return to_response(record, backend.model_name)
+    return await to_response(request, record, backend.model_name)
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobAccepted, summary="Queue a generation job")
@@ -72,8 +75,8 @@ async def _job(request: Request, job_id: str) -> JobRecord:
     return record
 
 
-def _status(record: JobRecord, model: str) -> JobStatus:
-    result = to_response(record, model) if record.status == "succeeded" else None
+async def _status(request: Request, record: JobRecord, model: str) -> JobStatus:
+    result = await to_response(request, record, model) if record.status == "succeeded" else None
     return JobStatus(
         id=record.id,
         status=record.status,
@@ -87,7 +90,7 @@ def _status(record: JobRecord, model: str) -> JobStatus:
 
 @router.get("/v1/jobs/{job_id}", response_model=JobStatus, summary="A job's status, then its result")
 async def get_job(job_id: str, request: Request) -> JobStatus:
-    return _status(await _job(request, job_id), backend_of(request).model_name)
+    return await _status(request, await _job(request, job_id), backend_of(request).model_name)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobStatus, summary="Cancel a job, freeing its batch slot")
@@ -98,7 +101,7 @@ async def cancel_job(job_id: str, request: Request) -> JobStatus:
     cancelled = await backend_of(request).cancel(job_id)
     if cancelled is None:  # expired between the two reads
         raise APIError(404, "job_not_found", f"no job {job_id!r} (unknown or expired)", field="id")
-    return _status(cancelled, backend_of(request).model_name)
+    return await _status(request, cancelled, backend_of(request).model_name)
 
 
 @router.get("/v1/jobs/{job_id}/events", summary="Server-sent events: one per denoising step, then the result")
@@ -110,7 +113,11 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
         async for event in backend.events(job_id):
             if event["type"] == "result":
                 record = JobRecord.from_dict(event["job"])
-                payload: dict[str, Any] = _status(record, backend.model_name).model_dump()
+                try:
+                    payload: dict[str, Any] = (await _status(request, record, backend.model_name)).model_dump()
+                except APIError as error:  # the object store is down: the stream has started, so say it in-band
+                    yield _sse("error", {"status": error.status, "code": error.code, "message": error.detail})
+                    return
                 yield _sse("result", payload)
             else:
                 yield _sse(event["type"], event)

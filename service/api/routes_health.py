@@ -36,4 +36,7 @@ async def metrics(request: Request) -> Response:
     ok, _ = await backend.ready()
     telemetry.READY.set(1 if ok and not request.app.state.shutting_down else 0)
     await backend.refresh_metrics()
-    return Response(telemetry.render(settings_of(request).resolved_device()), media_type=CONTENT_TYPE_LATEST)
+    settings = settings_of(request)
+    # an API replica in Redis mode runs no model: it reports its own RSS and never imports torch to ask for a GPU
+    device = settings.resolved_device() if settings.queue == "local" else "cpu"
+    return Response(telemetry.render(device), media_type=CONTENT_TYPE_LATEST)

@@ -15,10 +15,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from fastcache_core import METHODS
+from fastcache_core.config import METHODS
 from service.api.deps import backend_of, require_api_key, settings_of
 from service.api.errors import APIError
 from service.api.schemas import GenerateRequest
+from service.model_limits import ModelDefaults
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 
@@ -27,20 +28,10 @@ OWNER = "fastcache-serve"
 MAX_N = next(bound.le for bound in GenerateRequest.model_fields["n"].metadata if hasattr(bound, "le"))
 
 
-class ServingInfo(BaseModel):
-    """What the served model accepts and defaults to (known once the model is loaded)."""
+class ServingInfo(ModelDefaults):
+    """What the served model accepts and defaults to (known once the model is loaded): its limits, labels in order."""
 
-    family: str = Field(description="dit, pixart, sd3 or flux")
     labels: list[str] | None = Field(description="class-conditional models: label names in class-id order")
-    num_classes: int | None = Field(description="class-conditional models: ids are in [0, num_classes)")
-    default_steps: int
-    default_guidance_scale: float
-    default_width: int
-    default_height: int
-    size_multiple: int
-    min_size: int
-    max_size: int
-    supports_negative_prompt: bool
     max_n: int = Field(description="the most images one request may ask for")
     cache_methods: list[str] = Field(description="values of cache.method")
 
@@ -80,21 +71,9 @@ def _serving(request: Request) -> ServingInfo:
     limits = backend_of(request).limits()
     if limits is None:
         raise APIError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "5"})
-    labels = None
-    if limits.labels:
-        labels = sorted(limits.labels, key=limits.labels.__getitem__)
     return ServingInfo(
-        family=limits.family,
-        labels=labels,
-        num_classes=limits.num_classes,
-        default_steps=limits.default_steps,
-        default_guidance_scale=limits.default_guidance_scale,
-        default_width=limits.default_width,
-        default_height=limits.default_height,
-        size_multiple=limits.size_multiple,
-        min_size=limits.min_size,
-        max_size=limits.max_size,
-        supports_negative_prompt=limits.supports_negative_prompt,
+        **limits.model_dump(exclude={"labels"}),
+        labels=limits.ordered_labels(),
         max_n=min(MAX_N, settings_of(request).max_batch_size),
         cache_methods=list(METHODS),
     )

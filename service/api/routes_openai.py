@@ -6,7 +6,8 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.deps import backend_of, build_submission, failure, invalid, require_api_key, submit, wait_for_result
+from service.api.delivery import deliver_images
+from service.api.deps import backend_of, build_submission, failure, require_api_key, submit, wait_for_result
 from service.api.errors import APIError
 from service.api.routes_generate import WAIT_MARGIN_SECONDS
 from service.api.schemas import OpenAIImageRequest, OpenAIImageResponse
@@ -24,8 +25,6 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Open
             f"model {body.model!r} is not served here; this server serves {backend.model_name!r}",
             field="model",
         )
-    if body.response_format == "url":
-        raise invalid("response_format", "only b64_json is supported: this server stores no images")
     width = height = None
     if body.size and body.size != "auto":
         width, height = (int(v) for v in body.size.split("x"))
@@ -38,6 +37,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Open
         height=height,
         output_format=body.output_format or "png",
         route="openai",
+        response_format=body.response_format or "b64_json",
     )
     record = await submit(request, submission)
     record = await wait_for_result(request, record, submission.timeout_seconds + WAIT_MARGIN_SECONDS)
@@ -48,10 +48,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Open
     spec = submission.spec
     return OpenAIImageResponse(
         created=int(time.time()),
-        data=[
-            {"b64_json": image["b64_json"], "revised_prompt": None, "seed": image["seed"], "stats": image["stats"]}
-            for image in record.images or []
-        ],
+        data=[{**image, "revised_prompt": None} for image in await deliver_images(request, record)],
         output_format=submission.output_format,
         size=f"{spec.width}x{spec.height}",
     )

@@ -6,10 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fastcache_core import METHODS
+from fastcache_core.config import METHODS
 from service.engine.image_stats import ImageStats
 
 CacheMethod = Literal[METHODS]  # type: ignore[valid-type]
+ResponseFormat = Literal["b64_json", "url"]
+RESPONSE_FORMAT_DESCRIPTION = (
+    "b64_json: each image inline, base64-encoded; url: a link to it instead, valid for --result-url-ttl-seconds"
+)
 
 
 class CacheSettings(BaseModel):
@@ -72,10 +76,25 @@ class GenerateRequest(GenerationFields):
     width: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
     height: int | None = Field(None, ge=8, le=4096, description="pixels; default: the model's native size")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    response_format: ResponseFormat = Field("b64_json", description=RESPONSE_FORMAT_DESCRIPTION)
 
 
-class GeneratedImage(BaseModel):
-    b64_json: str = Field(description="the image, base64-encoded in output_format")
+def _absent(value: object) -> bool:
+    return value is None
+
+
+class _ImageData(BaseModel):
+    """An image as ``b64_json`` or as ``url``: the one it does not carry is left out of the JSON, not null."""
+
+    b64_json: str | None = Field(
+        None, exclude_if=_absent, description="the image, base64-encoded in output_format (response_format b64_json)"
+    )
+    url: str | None = Field(
+        None, exclude_if=_absent, description="where to download the image until the link expires (response_format url)"
+    )
+
+
+class GeneratedImage(_ImageData):
     seed: int
     stats: ImageStats
 
@@ -112,7 +131,7 @@ class OpenAIImageRequest(GenerationFields):
     model: str | None = None
     n: int = Field(1, ge=1, le=8)
     size: str | None = Field(None, pattern=r"^(auto|\d{1,4}x\d{1,4})$", description="WIDTHxHEIGHT or auto")
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    response_format: ResponseFormat | None = Field("b64_json", description=RESPONSE_FORMAT_DESCRIPTION)
     output_format: Literal["png", "jpeg", "webp"] | None = "png"
     quality: str | None = None
     style: str | None = None
@@ -122,8 +141,7 @@ class OpenAIImageRequest(GenerationFields):
     output_compression: int | None = None
 
 
-class OpenAIImage(BaseModel):
-    b64_json: str
+class OpenAIImage(_ImageData):
     revised_prompt: str | None = None
     seed: int
     stats: ImageStats

@@ -10,61 +10,28 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Hashable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fastcache_core import CacheParams, FastCache
+from fastcache_core.cache import FastCache
+from service.model_limits import GenerationSpec, InvalidField, ModelLimits, resolve_label, validate_spec
 
-
-class InvalidField(ValueError):
-    """A request field the model cannot serve; ``field`` names it for the 422 response."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-@dataclass
-class ModelLimits:
-    """What a model serves: defaults and the sizes it supports."""
-
-    family: str
-    default_steps: int
-    default_guidance_scale: float
-    default_width: int
-    default_height: int
-    size_multiple: int
-    min_size: int
-    max_size: int
-    supports_negative_prompt: bool
-    labels: dict[str, int] | None = None  # class-conditional models: label name -> id
-    num_classes: int | None = None  # class-conditional models: ids are in [0, num_classes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelLimits:
-        return cls(**data)
-
-
-@dataclass
-class GenerationSpec:
-    """The model-facing part of a request (already validated by the API)."""
-
-    prompt: str
-    negative_prompt: str | None
-    steps: int
-    guidance_scale: float
-    seed: int
-    width: int
-    height: int
-    cache: CacheParams
+# the wire types and the validation live in the torch-free ``service.model_limits``; re-exported for the engine
+__all__ = [
+    "RUNNERS",
+    "FamilyRunner",
+    "GenerationSpec",
+    "InvalidField",
+    "ModelLimits",
+    "Sample",
+    "resolve_label",
+    "runner_for",
+    "validate_spec",
+]
 
 
 @dataclass
@@ -90,25 +57,6 @@ class Sample:
         return timestep
 
 
-def resolve_label(limits: ModelLimits, prompt: str) -> int:
-    """Class id of a class-conditional prompt: a label name (``"seven"``) or an id (``"7"``)."""
-    text = prompt.strip()
-    valid_ids = sorted(set(limits.labels.values())) if limits.labels else None
-    if text.isdigit():
-        value = int(text)
-        if valid_ids is not None and value not in valid_ids:
-            raise InvalidField("prompt", f"unknown class id {value}; valid ids: {valid_ids}")
-        if limits.num_classes is not None and not 0 <= value < limits.num_classes:
-            raise InvalidField("prompt", f"class id must be in [0, {limits.num_classes})")
-        return value
-    if limits.labels and text in limits.labels:
-        return limits.labels[text]
-    names = ", ".join(sorted(limits.labels, key=limits.labels.__getitem__)) if limits.labels else "class ids only"
-    raise InvalidField(
-        "prompt", f"this class-conditional model takes a label name or id; {text[:40]!r} is not one of: {names}"
-    )
-
-
 SERVING_DEFAULTS_FILE = "fastcache_serving.json"
 SERVING_DEFAULT_KEYS = ("default_steps", "default_guidance_scale", "default_width", "default_height")
 
@@ -120,7 +68,6 @@ def apply_serving_defaults(limits: ModelLimits, pipe: Any) -> ModelLimits:
     ``{"default_steps": 50, "default_guidance_scale": 2.0}``. Unknown keys are an error.
     """
     import json
-    from dataclasses import replace
     from pathlib import Path
 
     source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
@@ -131,22 +78,24 @@ def apply_serving_defaults(limits: ModelLimits, pipe: Any) -> ModelLimits:
     unknown = set(overrides) - set(SERVING_DEFAULT_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(SERVING_DEFAULT_KEYS)}")
-    return replace(limits, **overrides)
+    return limits.model_copy(update=overrides)
 
 
-def validate_spec(limits: ModelLimits, spec: GenerationSpec) -> None:
-    """Check a request against what the model serves; raises ``InvalidField`` naming the field."""
-    for name, value in (("width", spec.width), ("height", spec.height)):
-        if value % limits.size_multiple or not limits.min_size <= value <= limits.max_size:
-            raise InvalidField(
-                name,
-                f"{name} must be a multiple of {limits.size_multiple} in "
-                f"[{limits.min_size}, {limits.max_size}] for this model; got {value}",
-            )
-    if spec.negative_prompt and not limits.supports_negative_prompt:
-        raise InvalidField("negative_prompt", f"this {limits.family} model takes no negative prompt")
-    if limits.family == "dit":
-        resolve_label(limits, spec.prompt)
+def _limits(
+    family: str, steps: int, guidance: float, native: int, multiple: int, max_size: int, negative_prompt: bool
+) -> ModelLimits:
+    """Limits of a text model: square native size, smallest size two multiples."""
+    return ModelLimits(
+        family=family,
+        default_steps=steps,
+        default_guidance_scale=guidance,
+        default_width=native,
+        default_height=native,
+        size_multiple=multiple,
+        min_size=2 * multiple,
+        max_size=max_size,
+        supports_negative_prompt=negative_prompt,
+    )
 
 
 class FamilyRunner:
@@ -263,16 +212,16 @@ class DiTRunner(FamilyRunner):
         labels = dict(self.pipe.labels) if getattr(self.pipe, "labels", None) else None
         # small (CPU) DiTs over-saturate at DiT-XL's guidance 4: 1.5 suits them
         return ModelLimits(
-            "dit",
-            50,
-            1.5 if native <= 64 else 4.0,
-            native,
-            native,
-            multiple,
-            2 * multiple,
-            2 * native,
-            False,
-            labels,
+            family="dit",
+            default_steps=50,
+            default_guidance_scale=1.5 if native <= 64 else 4.0,
+            default_width=native,
+            default_height=native,
+            size_multiple=multiple,
+            min_size=2 * multiple,
+            max_size=2 * native,
+            supports_negative_prompt=False,
+            labels=labels,
             num_classes=cfg.num_embeds_ada_norm,
         )
 
@@ -335,7 +284,7 @@ class PixArtRunner(_TextRunner):
         factor = self._vae_factor()
         native = cfg.sample_size * factor
         multiple = cfg.patch_size * factor
-        return ModelLimits("pixart", 20, 4.5, native, native, multiple, 2 * multiple, 2 * native, True)
+        return _limits("pixart", 20, 4.5, native, multiple, 2 * native, True)
 
     def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
         guidance = self._uses_guidance(spec)
@@ -401,7 +350,7 @@ class SD3Runner(_TextRunner):
         native = cfg.sample_size * factor
         multiple = cfg.patch_size * factor
         max_size = (cfg.pos_embed_max_size or cfg.sample_size) * factor
-        return ModelLimits("sd3", 28, 7.0, native, native, multiple, 2 * multiple, max_size, True)
+        return _limits("sd3", 28, 7.0, native, multiple, max_size, True)
 
     def prepare(self, sample_id: Hashable, spec: GenerationSpec) -> Sample:
         guidance = self._uses_guidance(spec)
@@ -467,7 +416,7 @@ class FluxRunner(_TextRunner):
     def family_limits(self) -> ModelLimits:
         factor = self._vae_factor()
         multiple = factor * 2  # latents are packed 2x2
-        return ModelLimits("flux", 28, 3.5, 64 * multiple, 64 * multiple, multiple, 2 * multiple, 128 * multiple, False)
+        return _limits("flux", 28, 3.5, 64 * multiple, multiple, 128 * multiple, False)
 
     def _uses_guidance(self, spec: GenerationSpec) -> bool:
         return False

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from fastcache_core.stats import SampleStats
+if TYPE_CHECKING:  # the API's schemas use ImageStats without torch; only the engine builds one from a sample
+    from fastcache_core.stats import SampleStats
 
 
 class ImageStats(BaseModel):

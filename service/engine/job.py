@@ -7,9 +7,12 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.engine.families import GenerationSpec
+
+if TYPE_CHECKING:  # the queue's wire type; the engine itself never needs the queue
+    from service.queue.base import JobSubmission
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +97,27 @@ class Job:
 def failed(code: str, message: str, status: int = 500) -> JobResult:
     """A failed result with its error."""
     return JobResult("failed", error=JobError(code, message, status))
+
+
+def job_from_submission(
+    job_id: str,
+    submission: JobSubmission,
+    submitted_at: float,
+    on_event: Callable[[dict[str, Any]], None],
+    on_done: Callable[[JobResult], None],
+) -> Job:
+    """The engine's ``Job`` for a queued submission (in-process backend and Redis worker alike).
+
+    ``submitted_at`` is when the client's request was accepted; the deadline counts from it.
+    """
+    return Job(
+        job_id=job_id,
+        spec=submission.spec,
+        n=submission.n,
+        output_format=submission.output_format,
+        route=submission.route,
+        submitted_at=submitted_at,
+        deadline=submitted_at + submission.timeout_seconds,
+        on_event=on_event,
+        on_done=on_done,
+    )

@@ -7,10 +7,13 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-from service.engine.families import GenerationSpec, ModelLimits
+from service.model_limits import GenerationSpec, ModelLimits
+
+if TYPE_CHECKING:
+    from service.queue.results import ResultStore
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -39,16 +42,19 @@ class JobSubmission:
     # hash of the request as the client sent it (before defaults and a random seed are filled in), for
     # Idempotency-Key conflict detection; not sent to workers
     request_fingerprint: str = field(default="", compare=False)
+    # how the API hands the images back (b64_json inline, or url); the API's business, not sent to workers
+    response_format: str = field(default="b64_json", compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("request_fingerprint")
+        data.pop("response_format")
         data["spec"]["cache"] = self.spec.cache.to_dict()
         return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> JobSubmission:
-        from fastcache_core import CacheParams
+        from fastcache_core.config import CacheParams
 
         data = json.loads(text)
         spec = data.pop("spec")
@@ -68,8 +74,11 @@ class JobRecord:
     status: str  # queued | running | succeeded | failed | cancelled
     route: str = "jobs"
     output_format: str = "png"
+    response_format: str = "b64_json"  # b64_json | url: how the API answers with the images
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    # each image: its seed and stats, and either ``b64_json`` (memory and Redis result stores) or the object
+    # ``key`` and its ``bytes`` (directory and S3 stores)
     images: list[dict[str, Any]] | None = None
     error: dict[str, Any] | None = None  # {code, message, status}
     steps_done: int = 0
@@ -83,13 +92,16 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        # fields this version does not know (a newer replica wrote the record) are ignored, not an error
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class JobBackend(ABC):
     """The API's view of where jobs run."""
 
     model_name: str
+    result_store: ResultStore  # where the finished images rest (``--result-store``)
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -127,6 +139,10 @@ class JobBackend(ABC):
     @abstractmethod
     async def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it without waiting, freeing its batch slot."""
+
+    @abstractmethod
+    async def url_signing_key(self) -> bytes:
+        """The HMAC key of signed ``/v1/files`` URLs (the same on every replica that serves the same jobs)."""
 
     async def refresh_metrics(self) -> None:  # noqa: B027 (an optional hook: backends without gauges keep this no-op)
         """Update backend gauges (stream length, pending entries) before a scrape."""

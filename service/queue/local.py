@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,8 +19,11 @@ from typing import Any
 
 from service import telemetry
 from service.engine.engine import Engine, Job, JobResult, NotAccepting, QueueFull
-from service.engine.families import ModelLimits
+from service.engine.job import job_from_submission
+from service.model_limits import ModelLimits
 from service.queue.base import IdempotencyConflict, JobBackend, JobRecord, JobSubmission, NotReadyError, QueueFullError
+from service.queue.results import StoreUnavailable, open_result_store, result_store_url
+from service.queue.results.upload import BACKOFF, keep_once
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,11 @@ class LocalBackend(JobBackend):
         self._load_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._load_error: str | None = None
+        self.result_store = open_result_store(
+            result_store_url(settings), shared=False, public_endpoint=settings.result_public_endpoint
+        )
+        secret = settings.result_url_secret
+        self._url_key = secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -105,16 +114,17 @@ class LocalBackend(JobBackend):
         if not ok or self.engine is None:
             raise NotReadyError(reason)
         job_id = uuid.uuid4().hex
-        record = JobRecord(id=job_id, status="queued", route=submission.route, output_format=submission.output_format)
-        now = time.time()
-        engine_job = Job(
-            job_id=job_id,
-            spec=submission.spec,
-            n=submission.n,
-            output_format=submission.output_format,
+        record = JobRecord(
+            id=job_id,
+            status="queued",
             route=submission.route,
-            submitted_at=now,
-            deadline=now + submission.timeout_seconds,
+            output_format=submission.output_format,
+            response_format=submission.response_format,
+        )
+        engine_job = job_from_submission(
+            job_id,
+            submission,
+            time.time(),
             on_event=functools.partial(self._threadsafe, self._on_event, job_id),
             on_done=functools.partial(self._threadsafe, self._on_done, job_id),
         )
@@ -172,6 +182,9 @@ class LocalBackend(JobBackend):
         if self.engine is not None:
             self.engine.cancel(job_id)
 
+    async def url_signing_key(self) -> bytes:
+        return self._url_key
+
     # -- engine callbacks, run on the event loop
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
@@ -195,10 +208,13 @@ class LocalBackend(JobBackend):
         if tracked is None:
             return
         record = tracked.record
+        images = result.images or None
+        if images and self.result_store.holds_objects:
+            images = await self._keep(job_id, images, record.output_format)
         async with tracked.changed:
             record.status = result.status
             record.finished_at = time.time()
-            record.images = result.images or None
+            record.images = images
             if result.error is not None:
                 record.error = {
                     "code": result.error.code,
@@ -213,6 +229,20 @@ class LocalBackend(JobBackend):
         telemetry.record_request(record.route, result, self.model_name, job.submitted_at, job.admitted_at)
         self._enforce_byte_cap(keep=job_id)
 
+    async def _keep(self, job_id: str, images: list[dict[str, Any]], output_format: str) -> list[dict[str, Any]]:
+        """Upload a finished job's images to the object store, retrying with backoff until it takes them.
+
+        The job stays ``running`` meanwhile: its result exists only once its images are stored.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.to_thread(keep_once, self.result_store, job_id, images, output_format)
+            except StoreUnavailable as error:
+                logger.warning("job %s: %s; retrying", job_id, error)
+                await asyncio.sleep(BACKOFF.delay(attempt))
+                attempt += 1
+
     # -- bounded memory
 
     async def _prune_loop(self) -> None:
@@ -220,6 +250,16 @@ class LocalBackend(JobBackend):
         while True:
             await asyncio.sleep(interval)
             self.prune()
+            await self.prune_objects()
+
+    async def prune_objects(self) -> None:
+        """Delete image objects older than the job TTL (directory store; S3 objects expire by a lifecycle rule)."""
+        try:
+            removed = await asyncio.to_thread(self.result_store.prune, self.settings.job_ttl_seconds)
+        except OSError:
+            logger.exception("pruning the result store failed")
+            return
+        telemetry.RESULT_OBJECTS_PRUNED.inc(removed)
 
     def prune(self, now: float | None = None) -> int:
         """Drop finished jobs older than the TTL (and idempotency keys of dropped jobs); how many dropped."""

@@ -6,9 +6,14 @@ Layout (prefix ``fastcache:``):
   acknowledge and delete an entry only after its result is stored, and reclaim entries of dead
   workers (``XAUTOCLAIM``). ``jobs:dead`` is the dead-letter stream (trimmed to a MAXLEN).
 * ``job:<id>`` - the job record (JSON: status, progress, then images or error), with a TTL.
-* ``events:<id>`` - per-step progress then the result, as a stream (SSE replays it from the start).
+* ``events:<id>`` - per-step progress then the result, as a stream (SSE replays it from the start);
+  once the result is in, the stream lives ``EVENTS_AFTER_RESULT_SECONDS`` more (the record keeps the
+  result for the job TTL, and SSE answers a late subscriber from it): a finished job rests in Redis
+  once, not twice.
 * ``cancel:<id>`` - cancellation flag; ``idem:<key>`` - Idempotency-Key -> [fingerprint, job id].
 * ``model`` - what the workers' model accepts (limits), for request validation on the API.
+* ``url_secret`` - the HMAC key of the API's signed ``/v1/files`` URLs, made by the first replica
+  that needs one (``SET NX``) unless ``--result-url-secret`` gives it.
 * ``stats:results_stored`` - results stored (one per job); ``stats:results_refused`` - results of a
   second run of a job (after a reclaim race) that were refused because one was already stored.
 * channel ``done`` - completion wake-up hint (the API also polls: pub/sub alone is lossy).
@@ -19,6 +24,7 @@ a client retrying after an unknown outcome finds either all of it or nothing.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,6 +50,10 @@ class RedisLayout:
     @property
     def model(self) -> str:
         return f"{self.prefix}model"
+
+    @property
+    def url_secret(self) -> str:
+        return f"{self.prefix}url_secret"
 
     @property
     def done_channel(self) -> str:
@@ -80,6 +90,7 @@ class RedisLayout:
 LAYOUT = RedisLayout()
 
 EVENTS_MAXLEN = 1000
+EVENTS_AFTER_RESULT_SECONDS = 60  # a subscriber that was following the job reads the result event in time
 HAND_BACK_IDLE_MS = 365 * 24 * 3600 * 1000  # "idle for a year": any worker's XAUTOCLAIM takes it at once
 
 # KEYS[1] stream, KEYS[2] new job record, KEYS[3] idempotency key ('' for none)
@@ -108,7 +119,7 @@ return {'created', ARGV[2], ''}
 
 # KEYS[1] job record, KEYS[2] results counter, KEYS[3] events stream, KEYS[4] refused counter
 # ARGV[1] final record JSON, ARGV[2] TTL seconds, ARGV[3] result event JSON, ARGV[4] done channel, ARGV[5] job id,
-# ARGV[6] events MAXLEN
+# ARGV[6] events MAXLEN, ARGV[7] seconds the events stream lives on (default: the TTL)
 # Stores a finished record, its result event and the wake-up, unless a finished record is already
 # there: one result per job id, however often the job ran. Returns 1 when stored, 0 when refused.
 STORE_RESULT_SCRIPT = """
@@ -123,7 +134,7 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
 redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[3])
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[3], math.min(tonumber(ARGV[7] or ARGV[2]), tonumber(ARGV[2])))
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
@@ -207,6 +218,11 @@ def read_entries(reply: object) -> list[StreamEntry]:
     """
     streams = cast("list[tuple[str, list[StreamEntry]]]", reply or [])
     return [entry for _, entries in streams for entry in entries]
+
+
+def compact_json(value: object) -> str:
+    """JSON without the spaces after separators: what every job record and event in Redis is written as."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def as_text(value: bytes | str) -> str:

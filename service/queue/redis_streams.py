@@ -12,23 +12,27 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from service import telemetry
-from service.engine.families import ModelLimits
+from service.model_limits import ModelLimits
 from service.queue.base import IdempotencyConflict, JobBackend, JobRecord, JobSubmission, NotReadyError, QueueFullError
 from service.queue.redis_protocol import (
+    EVENTS_AFTER_RESULT_SECONDS,
     EVENTS_MAXLEN,
     LAYOUT,
     STORE_RESULT_SCRIPT,
     SUBMIT_SCRIPT,
     RedisLayout,
     client_options,
+    compact_json,
     read_entries,
 )
+from service.queue.results import open_result_store, result_store_url
 from service.settings import Settings
 
 __all__ = ["LAYOUT", "RedisBackend", "RedisLayout", "STORE_RESULT_SCRIPT", "store_result"]
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 POLL_SECONDS = 1.0  # a waiter re-reads its record at least this often (the done channel wakes it sooner)
+PRUNE_INTERVAL_SECONDS = 60.0  # directory result store: how often old image files are deleted
 
 
 def outage_errors() -> tuple[type[BaseException], ...]:
@@ -68,11 +73,20 @@ class RedisBackend(JobBackend):
         self._unreachable: str | None = "not connected yet"
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.result_store = open_result_store(
+            result_store_url(settings), shared=True, public_endpoint=settings.result_public_endpoint
+        )
+        secret = settings.result_url_secret
+        self._url_key: bytes | None = secret.get_secret_value().encode() if secret else None
 
     # ------------------------------------------------------------------ lifecycle and health
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._listen_loop())]
+        if self.result_store.holds_objects:
+            self._tasks.append(asyncio.create_task(self._prune_loop()))
+            # boto3 loads in the background: /readyz does not wait for it
+            self._tasks.append(asyncio.create_task(asyncio.to_thread(self.result_store.warm)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -108,6 +122,27 @@ class RedisBackend(JobBackend):
             self._limits = ModelLimits.from_dict(data["limits"])
             if not self.settings.model_name:
                 self.model_name = data["name"]
+
+    async def _prune_loop(self) -> None:
+        """Delete image files older than the job TTL (directory store; S3 objects expire by a lifecycle rule)."""
+        while True:
+            await asyncio.sleep(min(PRUNE_INTERVAL_SECONDS, self.settings.job_ttl_seconds / 4))
+            try:
+                removed = await asyncio.to_thread(self.result_store.prune, self.settings.job_ttl_seconds)
+            except OSError:
+                logger.exception("pruning the result store failed")
+                continue
+            telemetry.RESULT_OBJECTS_PRUNED.inc(removed)
+
+    async def url_signing_key(self) -> bytes:
+        """``--result-url-secret``, else the key in Redis that the first replica made (one for all replicas)."""
+        if self._url_key is None:
+            await self._op(self.redis.set(self.layout.url_secret, secrets.token_hex(32), nx=True))
+            value = await self._op(self.redis.get(self.layout.url_secret))
+            if not value:
+                raise NotReadyError("the URL signing key vanished from redis; retry")
+            self._url_key = str(value).encode()
+        return self._url_key
 
     async def _listen_loop(self) -> None:
         """Wake waiters when a worker publishes a finished job (a hint; waiters also poll)."""
@@ -156,7 +191,13 @@ class RedisBackend(JobBackend):
     async def submit(self, submission: JobSubmission, idempotency_key: str | None = None) -> JobRecord:
         ttl = self.settings.job_ttl_seconds
         job_id = uuid.uuid4().hex
-        record = JobRecord(id=job_id, status="queued", route=submission.route, output_format=submission.output_format)
+        record = JobRecord(
+            id=job_id,
+            status="queued",
+            route=submission.route,
+            output_format=submission.output_format,
+            response_format=submission.response_format,
+        )
         keys = [
             self.layout.stream,
             self.layout.job(job_id),
@@ -165,7 +206,7 @@ class RedisBackend(JobBackend):
         args: list[str | int] = [
             submission.fingerprint(),
             job_id,
-            json.dumps(record.to_dict()),
+            compact_json(record.to_dict()),
             submission.to_json(),
             ttl,
             self.settings.max_queue,
@@ -224,6 +265,11 @@ class RedisBackend(JobBackend):
         while True:
             try:
                 response = await self._op(self.redis.xread({self.layout.events(job_id): last}, block=1000, count=100))
+                if not response:
+                    finished = await self._finished_without_events(job_id)
+                    if finished is not None:
+                        yield {"type": "result", "job": finished.to_dict()}
+                        return
             except NotReadyError:  # the stream resumes where it left off once Redis is back
                 await asyncio.sleep(POLL_SECONDS)
                 continue
@@ -233,6 +279,13 @@ class RedisBackend(JobBackend):
                 yield event
                 if event["type"] == "result":
                     return
+
+    async def _finished_without_events(self, job_id: str) -> JobRecord | None:
+        """The record of a finished job whose events stream has expired (the result outlives it), else ``None``."""
+        if await self._op(self.redis.exists(self.layout.events(job_id))):
+            return None
+        record = await self.get(job_id)
+        return record if record is not None and record.terminal else None
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         record = await self._request_cancel(job_id)
@@ -263,7 +316,7 @@ class RedisBackend(JobBackend):
 
 async def store_result(redis_client: Any, layout: RedisLayout, record: JobRecord, ttl: int) -> bool:
     """Store a finished record (unless one exists) with its result event and wake-up, atomically."""
-    event = json.dumps({"type": "result", "job": record.to_dict()})
+    event = compact_json({"type": "result", "job": record.to_dict()})
     stored = await redis_client.eval(
         STORE_RESULT_SCRIPT,
         4,
@@ -271,11 +324,12 @@ async def store_result(redis_client: Any, layout: RedisLayout, record: JobRecord
         layout.results_stored,
         layout.events(record.id),
         layout.results_refused,
-        json.dumps(record.to_dict()),
+        compact_json(record.to_dict()),
         ttl,
         event,
         layout.done_channel,
         record.id,
         EVENTS_MAXLEN,
+        EVENTS_AFTER_RESULT_SECONDS,
     )
     return bool(stored)
