@@ -67,13 +67,8 @@ class CacheParams:
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
             raise ValueError(f"method must be one of {', '.join(method_names())}; got {self.method!r}")
-        _check_range("tolerance", self.tolerance, 0.0, 1.0)
-        _check_range("significance", self.significance, 0.0, 0.5, low_open=True)
-        _check_range("motion_threshold", self.motion_threshold, 0.0, 1.0)
-        _check_range("motion_fraction", self.motion_fraction, 0.0, 1.0, low_open=True)
-        _check_range("merge_ratio", self.merge_ratio, 0.0, 0.9)
-        if self.max_skip_steps is not None and not (1 <= int(self.max_skip_steps) <= 100):
-            raise ValueError(f"max_skip_steps must be in [1, 100]; got {self.max_skip_steps}")
+        for name, limits in CACHE_FIELDS.items():
+            limits.check(name, getattr(self, name))
 
     def resolved(self, defaults: CacheParams | None = None) -> ResolvedCacheParams:
         """Fill every ``None`` field from ``defaults`` then from ``DEFAULT_PARAMS``."""
@@ -96,14 +91,39 @@ class CacheParams:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _check_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}]; got {value}")
+@dataclass(frozen=True)
+class FieldLimits:
+    """The range and one-line meaning of a numeric ``CacheParams`` field: the one place the API's schema,
+    request validation and ``fastcache-generate --help`` take them from."""
+
+    low: float
+    high: float
+    summary: str
+    low_open: bool = False
+    integer: bool = False
+
+    def check(self, name: str, value: float | None) -> None:
+        """``ValueError`` naming the field when ``value`` (``None``: unset) is out of range."""
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if self.integer and int(value) != value:
+            raise ValueError(f"{name} must be a whole number; got {value!r}")
+        if value < self.low or value > self.high or (self.low_open and value == self.low):
+            bracket = "(" if self.low_open else "["
+            raise ValueError(f"{name} must be in {bracket}{self.low:g}, {self.high:g}]; got {value}")
+
+
+CACHE_FIELDS: dict[str, FieldLimits] = {
+    "tolerance": FieldLimits(0.0, 1.0, "tau: the drift (or change) accepted; larger refreshes less often; 0 = none"),
+    "significance": FieldLimits(0.0, 0.5, "alpha of FastCache's per-sample chi-square test", low_open=True),
+    "motion_threshold": FieldLimits(0.0, 1.0, "relative token change below which a token is static; 0 = off"),
+    "motion_fraction": FieldLimits(0.0, 1.0, "compute exactly this share of tokens instead", low_open=True),
+    "merge_ratio": FieldLimits(0.0, 0.9, "share of computed tokens merged by k-NN density; 0 = off"),
+    "max_skip_steps": FieldLimits(1, 100, "most forecast steps in a row (taylorseer: exactly this many)", integer=True),
+}
+"""Every numeric field of ``CacheParams`` with its range (see the class docstring for full meanings)."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import httpx
 from tqdm import tqdm
 
+from fastcache_core.config import CACHE_FIELDS
 from fastcache_core.methods import get_method, method_names
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -88,9 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache = parser.add_argument_group("cache (omitted: the model's calibrated defaults)")
     cache.add_argument("--method", choices=method_names(), help=_methods_help())
-    for name, (kind, text) in CACHE_FIELD_HELP.items():
-        readers = [m for m in method_names() if name in get_method(m).request_fields]
-        cache.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (read by: {', '.join(readers)})")
+    for name, limits in CACHE_FIELDS.items():
+        readers = ", ".join(m for m in method_names() if name in get_method(m).request_fields)
+        bounds = f"{'(' if limits.low_open else '['}{limits.low:g}, {limits.high:g}]"
+        kind = int if limits.integer else float
+        cache.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, help=f"{bounds} {limits.summary} (read by: {readers})"
+        )
     client = parser.add_argument_group("client")
     client.add_argument(
         "--retries",
@@ -103,17 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CACHE_FIELD_HELP: dict[str, tuple[type, str]] = {
-    "tolerance": (float, "in [0, 1]: the change or drift accepted; 0 computes everything"),
-    "significance": (float, "alpha in (0, 0.5] of the chi-square test"),
-    "motion_threshold": (float, "token selection threshold; 0 = off"),
-    "motion_fraction": (float, "compute this share of tokens instead of thresholding"),
-    "merge_ratio": (float, "share of computed tokens merged by k-NN density; 0 = off"),
-    "max_skip_steps": (int, "most consecutive forecast steps"),
-}
-"""One line per ``CacheParams`` field (its docstring has the full meaning); the methods that read each
-come from the registry."""
-CACHE_OPTIONS = ("method", *CACHE_FIELD_HELP)
+CACHE_OPTIONS = ("method", *CACHE_FIELDS)
 
 
 def _methods_help() -> str:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from fastcache_core.config import METHODS
+from fastcache_core.methods import method_names
 from service.api.deps import backend_of, require_api_key, settings_of
 from service.api.errors import APIError
 from service.api.schemas import GenerateRequest
@@ -75,7 +75,7 @@ def _serving(request: Request) -> ServingInfo:
         **limits.model_dump(exclude={"labels"}),
         labels=limits.ordered_labels(),
         max_n=min(MAX_N, settings_of(request).max_batch_size),
-        cache_methods=list(METHODS),
+        cache_methods=list(method_names()),
     )
 
 

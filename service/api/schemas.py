@@ -4,45 +4,50 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fastcache_core.config import METHODS
+from fastcache_core.config import CACHE_FIELDS
+from fastcache_core.methods import method_names
 from service.engine.image_stats import ImageStats
 
-CacheMethod = Literal[METHODS]  # type: ignore[valid-type]
 ResponseFormat = Literal["b64_json", "url"]
 RESPONSE_FORMAT_DESCRIPTION = (
     "b64_json: each image inline, base64-encoded; url: a link to it instead, valid for --result-url-ttl-seconds"
 )
 
 
+def _cache_field(name: str) -> Any:
+    """A ``CacheSettings`` field with the range and meaning ``fastcache_core.config.CACHE_FIELDS`` gives it."""
+    limits = CACHE_FIELDS[name]
+    if limits.low_open:
+        return Field(None, gt=limits.low, le=limits.high, description=limits.summary)
+    return Field(None, ge=limits.low, le=limits.high, description=limits.summary)
+
+
 class CacheSettings(BaseModel):
-    """Per-request cache settings; omitted fields take the model's calibrated defaults."""
+    """Per-request cache settings; omitted fields take the model's calibrated defaults (for the model's
+    default method; another method's take the library defaults)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: CacheMethod | None = Field(
-        None, description="fastcache (default), none, or a per-sample peer: taylorseer, teacache, fbcache"
-    )
-    tolerance: float | None = Field(
+    method: str | None = Field(
         None,
-        ge=0.0,
-        le=1.0,
-        description="tau: accepted forecast drift; larger refreshes less often; 0 computes every step",
+        description="a registered cache method: fastcache (default), none, or a per-sample peer: taylorseer, "
+        "teacache, fbcache (GET /v1/models/{id} lists them as cache_methods)",
     )
-    significance: float | None = Field(None, gt=0.0, le=0.5, description="alpha of the chi-square test")
-    motion_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="relative token change below which a token is static; 0 = off"
-    )
-    motion_fraction: float | None = Field(
-        None, gt=0.0, le=1.0, description="compute exactly this share of tokens instead of thresholding"
-    )
-    merge_ratio: float | None = Field(
-        None, ge=0.0, le=0.9, description="share of computed tokens merged by k-NN density; 0 = off"
-    )
-    max_skip_steps: int | None = Field(
-        None, ge=1, le=100, description="most forecast steps in a row (taylorseer: exactly this many)"
-    )
+    tolerance: float | None = _cache_field("tolerance")
+    significance: float | None = _cache_field("significance")
+    motion_threshold: float | None = _cache_field("motion_threshold")
+    motion_fraction: float | None = _cache_field("motion_fraction")
+    merge_ratio: float | None = _cache_field("merge_ratio")
+    max_skip_steps: int | None = _cache_field("max_skip_steps")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        if value is not None and value not in method_names():
+            raise ValueError(f"must be one of {', '.join(method_names())}")
+        return value
 
 
 class GenerationFields(BaseModel):
