@@ -105,7 +105,7 @@ def calibrate(
     max_gap: int = 6,
     seed: int = FIT_SEED,
     tune_defaults: bool = True,
-    target_psnr: float = 38.0,
+    target_psnr: float = 40.0,
     floor_psnr: float = 31.0,
     windows: Sequence[float] = DEFAULT_WINDOWS,
     gain_modes: Sequence[str] = ("unit", "fitted"),
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target-psnr",
         type=float,
-        default=38.0,
-        help="every grid cell's mean PSNR against uncached images the default keeps (38)",
+        default=40.0,
+        help="every grid cell's mean PSNR against uncached images the default keeps (40)",
     )
     parser.add_argument("--floor-psnr", type=float, default=31.0, help="every grid cell's worst image (31)")
     parser.add_argument("--grid-steps", default="20,50,100", help="step counts of the tuning grid (20,50,100)")
