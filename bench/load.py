@@ -138,7 +138,7 @@ class Cluster:
                         [
                             python,
                             "-m",
-                            "service.worker",
+                            "service.worker_process",
                             "--redis",
                             self.queue,
                             "--host",

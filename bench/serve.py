@@ -2,7 +2,7 @@
 
 For each configuration (``--batch-sizes``, default ``1,8``: the engine's ``--max-batch-size``) the
 benchmark starts the service as child processes of its own (``python -m service``; with a Redis queue
-also ``python -m service.worker`` processes and, with ``--start-redis``, a ``redis-server``), waits for
+also ``python -m service.worker_process`` processes and, with ``--start-redis``, a ``redis-server``), waits for
 ``/readyz``, and at every arrival rate sends ``--requests`` ``POST /generate`` requests whose arrival
 times are a Poisson process (exponential gaps), *open loop*: a request is sent at its arrival time
 whether or not earlier ones have finished. Per configuration and rate it reports

@@ -148,7 +148,7 @@ def measure_store(store: str, args: argparse.Namespace, log_dir: Path, progress:
         common = ["--model", str(args.model), "--threads", str(args.threads), "--log-level", "warning"]
         common += ["--result-store", store_url, "--max-batch-size", "8"]
         worker_port = free_port()
-        worker_cmd = [python, "-m", "service.worker", "--redis", redis_url, "--host", "127.0.0.1"]
+        worker_cmd = [python, "-m", "service.worker_process", "--redis", redis_url, "--host", "127.0.0.1"]
         worker_cmd += ["--metrics-port", str(worker_port), *common]
         children.append(Child(f"{store}-worker", worker_cmd, env, log_dir))
         _wait(lambda: _ok(f"http://127.0.0.1:{worker_port}/readyz"), args.ready_timeout, "worker", children, 0.2)

@@ -55,6 +55,6 @@ def _graceful_server(config: uvicorn.Config) -> uvicorn.Server:
 
 def worker(argv: list[str] | None = None) -> None:
     """Run a GPU worker that takes jobs from Redis (``fastcache-worker``)."""
-    from service.worker import main
+    from service.worker_process import main
 
     main(argv)

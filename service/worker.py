@@ -31,13 +31,10 @@ import json
 import logging
 import os
 import queue
-import signal
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import redis
@@ -46,25 +43,19 @@ from service import telemetry
 from service.engine.engine import Engine, Job, JobResult
 from service.engine.job import JobError, job_from_submission
 from service.model_limits import InvalidField, validate_spec
-from service.queue.base import JobRecord, JobSubmission
+from service.queue.base import JobSubmission
 from service.queue.redis_protocol import (
-    EVENTS_AFTER_RESULT_SECONDS,
-    EVENTS_MAXLEN,
     HAND_BACK_IDLE_MS,
     HAND_BACK_SCRIPT,
     HEARTBEAT_SCRIPT,
     LAYOUT,
-    STORE_RESULT_SCRIPT,
-    UPDATE_PROGRESS_SCRIPT,
     RedisLayout,
-    as_text,
-    client_options,
-    compact_json,
     read_entries,
 )
 from service.queue.results import ResultStore, open_result_store, result_store_url
 from service.queue.results.upload import Uploader
-from service.settings import WORKER_FLAGS, Settings, parse_settings
+from service.settings import Settings
+from service.worker_ledger import JobLedger
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +105,7 @@ class Worker:
         self.redis_error: str | None = "not connected yet"
         self._drain_deadline: float | None = None
         self._stopped_engine = False
-        self._store = self.redis.register_script(STORE_RESULT_SCRIPT)
-        self._progress = self.redis.register_script(UPDATE_PROGRESS_SCRIPT)
+        self.ledger = JobLedger(client, layout, self.ttl, settings.dead_letter_maxlen, engine.model_name)
         self._heartbeat_script = self.redis.register_script(HEARTBEAT_SCRIPT)
         self._hand_back_script = self.redis.register_script(HAND_BACK_SCRIPT)
         self._next = {"heartbeat": 0.0, "reclaim": 0.0, "cancellations": 0.0, "register": 0.0, "prune": 0.0}
@@ -297,7 +287,7 @@ class Worker:
             )
             deliveries = int(pending[0]["times_delivered"]) if pending else 1
             if deliveries > self.settings.max_deliveries:
-                self._dead_letter(entry_id, fields, deliveries)
+                self.ledger.dead_letter(entry_id, fields, deliveries)
                 continue
             if deliveries > 1:
                 telemetry.RECLAIMED.inc()
@@ -321,23 +311,23 @@ class Worker:
         job_id = fields.get("job_id") or f"entry-{entry_id}"
         if job_id in self.in_flight:  # already running here (a duplicate entry for the same job)
             return 0
-        record = self._record(job_id)
+        record = self.ledger.record(job_id)
         if record is not None and record.terminal:
-            self._ack(entry_id)  # ran before (or cancelled while queued): one result per job
+            self.ledger.ack(entry_id)  # ran before (or cancelled while queued): one result per job
             return 0
         try:
             submission = JobSubmission.from_json(fields["submission"])
         except Exception as error:  # unreadable payload: retried, then dead-lettered with this error
-            self._note_attempt(job_id, f"unreadable job payload: {error!r}")
+            self.ledger.note_attempt(job_id, f"unreadable job payload: {error!r}")
             self._give_back(entry_id, refund=False)
             return 0
         if self.redis.exists(self.layout.cancel(job_id)):
-            self._settle(job_id, entry_id, JobResult("cancelled"))
+            self.ledger.settle(job_id, entry_id, JobResult("cancelled"))
             return 0
         try:
             validate_spec(self.engine.limits, submission.spec)
         except InvalidField as error:
-            self._settle(job_id, entry_id, JobResult("failed", error=_client_error(error)))
+            self.ledger.settle(job_id, entry_id, JobResult("failed", error=_client_error(error)))
             return 0
         if submission.n > free:  # not enough free image slots here now: another worker (or we, later)
             self._give_back(entry_id, refund=True)
@@ -406,7 +396,7 @@ class Worker:
             flight = self.in_flight.get(job_id)
             if kind == "event":
                 if flight is not None and not flight.lost:
-                    self._publish_event(job_id, payload)
+                    self.ledger.publish_event(job_id, payload)
             elif flight is not None:
                 if not flight.lost:
                     self._finish(flight, payload)
@@ -424,13 +414,6 @@ class Worker:
         except queue.Empty:
             pass
 
-    def _publish_event(self, job_id: str, event: dict[str, Any]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        self._progress(keys=[self.layout.job(job_id)], args=["running", event.get("step", 0), self.ttl], client=pipe)
-        pipe.xadd(self.layout.events(job_id), {"event": compact_json(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
-        pipe.expire(self.layout.events(job_id), self.ttl)
-        pipe.execute()
-
     def _finish(self, flight: _InFlight, result: JobResult) -> None:
         error = result.error
         if (
@@ -442,85 +425,11 @@ class Worker:
             # a server-side failure (or a drain that ran out of time): another delivery retries it,
             # up to the dead-letter bound
             self._give_back(flight.entry_id, refund=False)
-            self._note_attempt(flight.job_id, f"{error.code}: {error.message}")
+            self.ledger.note_attempt(flight.job_id, f"{error.code}: {error.message}")
             if error.code != "shutting_down":
                 logger.warning("job %s failed (%s); handed back for another delivery", flight.job_id, error.message)
             return
-        self._settle(flight.job_id, flight.entry_id, result, flight.job)
-
-    def _settle(self, job_id: str, entry_id: str, result: JobResult, job: Job | None = None) -> None:
-        """Store the final record (once per job, atomically with its event), then acknowledge the entry."""
-        record = self._record(job_id) or JobRecord(id=job_id, status="queued")
-        record.status = result.status
-        record.finished_at = time.time()
-        record.images = result.images or None
-        if result.error is not None:
-            record.error = {"code": result.error.code, "message": result.error.message, "status": result.error.status}
-        event = compact_json({"type": "result", "job": record.to_dict()})
-        stored = self._store(
-            keys=[
-                self.layout.job(job_id),
-                self.layout.results_stored,
-                self.layout.events(job_id),
-                self.layout.results_refused,
-            ],
-            args=[
-                compact_json(record.to_dict()),
-                self.ttl,
-                event,
-                self.layout.done_channel,
-                job_id,
-                EVENTS_MAXLEN,
-                EVENTS_AFTER_RESULT_SECONDS,
-            ],
-        )
-        if stored:
-            telemetry.record_request(
-                record.route,
-                result,
-                self.engine.model_name,
-                record.created_at,
-                job.admitted_at if job is not None else None,
-            )
-        self._ack(entry_id)
-
-    def _ack(self, entry_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(self.layout.stream, self.layout.group, entry_id)
-        pipe.xdel(self.layout.stream, entry_id)
-        pipe.execute()
-
-    def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
-        job_id = fields.get("job_id") or f"entry-{entry_id}"
-        last_error = as_text(self.redis.hget(self.layout.attempts(job_id), "last_error") or "worker lost the job")
-        self.redis.xadd(
-            self.layout.dead_letter,
-            {
-                "job_id": job_id,
-                "entry_id": entry_id,
-                "deliveries": deliveries,
-                "error": last_error,
-                "submission": fields.get("submission", ""),
-            },
-            maxlen=self.settings.dead_letter_maxlen,
-            approximate=True,
-        )
-        telemetry.DEAD_LETTERED.inc()
-        logger.error("job %s dead-lettered after %d deliveries: %s", job_id, deliveries, last_error)
-        message = f"failed after {deliveries - 1} attempts: {last_error}"
-        self._settle(job_id, entry_id, JobResult("failed", error=JobError("dead_lettered", message, 500)))
-
-    def _note_attempt(self, job_id: str, message: str) -> None:
-        key = self.layout.attempts(job_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(key, mapping={"last_error": message})
-        pipe.hincrby(key, "failures", 1)
-        pipe.expire(key, self.ttl)
-        pipe.execute()
-
-    def _record(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.get(self.layout.job(job_id))
-        return JobRecord.from_dict(json.loads(raw)) if raw else None
+        self.ledger.settle(flight.job_id, flight.entry_id, result, flight.job)
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -552,99 +461,3 @@ class Worker:
 
 def _client_error(error: InvalidField) -> JobError:
     return JobError("invalid_request", f"{error.field}: {error.message}", 422)
-
-
-class _HealthHandler(BaseHTTPRequestHandler):
-    holder: dict[str, Any]  # {"settings": Settings, "worker": Worker | None (while the model loads)}
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        worker = self.holder.get("worker")
-        if self.path == "/metrics":
-            self._send(200, telemetry.render(self.holder["settings"].resolved_device()), "text/plain; version=0.0.4")
-        elif self.path == "/healthz":
-            self._send(200, b'{"status": "ok"}', "application/json")
-        elif self.path == "/readyz":
-            reason = _unready_reason(worker)
-            telemetry.READY.set(0 if reason else 1)
-            body = {"status": "not ready", "reason": reason} if reason else {"status": "ready"}
-            self._send(503 if reason else 200, json.dumps(body).encode(), "application/json")
-        else:
-            self._send(404, b'{"status": "not found"}', "application/json")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def _unready_reason(worker: Worker | None) -> str | None:
-    """Why the worker cannot take work now, or ``None`` when it can."""
-    if worker is None:
-        return "model loading"
-    if worker.engine.startup_error:
-        return worker.engine.startup_error
-    if not worker.engine.ready:
-        return "model warming up"
-    if worker.stopping or worker.stop_requested:
-        return "shutting down"
-    if not worker.redis_ok:
-        return worker.redis_error or "redis unreachable"
-    if worker.uploader is not None and worker.uploader.stalled:
-        return worker.uploader.stalled
-    return None
-
-
-def serve_operations(holder: dict[str, Any], host: str, port: int) -> ThreadingHTTPServer:
-    """/metrics, /healthz and /readyz of a worker, on its own port, up before the model loads."""
-    handler = type("Handler", (_HealthHandler,), {"holder": holder})
-    server = ThreadingHTTPServer((host, port), handler)
-    threading.Thread(target=server.serve_forever, name="worker-metrics", daemon=True).start()
-    return server
-
-
-def run_worker(settings: Settings) -> None:
-    """Load the model, connect to Redis and serve until SIGTERM/SIGINT."""
-    from service.engine.loading import build_engine
-
-    telemetry.configure_logging(settings.log_level)
-    url = settings.redis or (settings.queue if settings.queue.startswith("redis") else None)
-    if not url:
-        raise SystemExit("fastcache-worker needs --redis redis://host:port/db (or FASTCACHE_REDIS)")
-    try:
-        result_store = open_result_store(result_store_url(settings), shared=True)
-    except ValueError as error:
-        raise SystemExit(f"fastcache-worker: {error}") from error
-    holder: dict[str, Any] = {"settings": settings, "worker": None}
-    server = serve_operations(holder, settings.host, settings.metrics_port)  # /healthz answers during the load
-    stop_early = threading.Event()  # a signal while the model loads
-    signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    signal.signal(signal.SIGINT, lambda *_: stop_early.set())
-    try:
-        engine = build_engine(settings)
-        engine.max_queue = max(engine.max_queue, settings.max_batch_size)
-        # the socket timeout must outlast the idle XREADGROUP block
-        timeout = max(settings.redis_timeout, IDLE_BLOCK_MS / 1000 + 1.0)
-        client = redis.Redis.from_url(url, **client_options(timeout, asynchronous=False))
-        worker = Worker(settings, engine, client, result_store=result_store)
-        holder["worker"] = worker
-        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
-        signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
-        if stop_early.is_set():
-            worker.request_stop()
-        worker.run()
-    finally:
-        server.shutdown()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``fastcache-worker`` and ``python -m service.worker``."""
-    run_worker(parse_settings(WORKER_FLAGS, "FastCache worker: runs jobs from a Redis stream.", argv))
-
-
-if __name__ == "__main__":
-    main()

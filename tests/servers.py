@@ -100,7 +100,7 @@ class Server(Process):
 
 
 class WorkerProcess(Process):
-    """``python -m service.worker`` feeding from ``redis_url``, metrics on a free loopback port."""
+    """``python -m service.worker_process`` feeding from ``redis_url``, metrics on a free loopback port."""
 
     def __init__(self, redis_url: str, *flags: str, wait_ready: bool = True, env: dict[str, str] | None = None) -> None:
         self.metrics_port = free_port()
@@ -109,7 +109,7 @@ class WorkerProcess(Process):
             [
                 sys.executable,
                 "-m",
-                "service.worker",
+                "service.worker_process",
                 "--redis",
                 redis_url,
                 "--host",

@@ -15,7 +15,8 @@ One module per job:
 from bench.cache.cli import main, parse_args
 from bench.cache.instrument import TransformerFlops, TransformerTimer, overhead_fraction
 from bench.cache.report import ROW_KEYS, fastcache_margins, plot_pareto
-from bench.cache.variants import METHOD_NAMES, Variant, build_variants
+from bench.cache.variant import Variant
+from bench.cache.variants import METHOD_NAMES, build_variants
 
 __all__ = [
     "METHOD_NAMES",

@@ -31,7 +31,8 @@ import torch
 from bench.cache.report import worst_image_psnr
 from bench.cache.runner import ImageRunner, Measured, counted_run
 from bench.cache.schedules import best_fixed_schedule, diffusers_variants, per_sample_variants
-from bench.cache.variants import Variant, fastcache_variant
+from bench.cache.variant import Variant
+from bench.cache.variants import fastcache_variant
 from bench.common import clean_number
 from fastcache_core.calibration import FIT_SEED, TUNE_SEED_OFFSET
 

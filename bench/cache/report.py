@@ -16,7 +16,7 @@ import torch
 
 from bench.cache.instrument import overhead_fraction
 from bench.cache.runner import Measured
-from bench.cache.variants import Variant
+from bench.cache.variant import Variant
 from bench.common import clean_number, fmt, markdown_table, pyplot
 
 ROW_KEYS = (

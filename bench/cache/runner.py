@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bench.cache.instrument import TransformerFlops, TransformerTimer
-from bench.cache.variants import Variant
+from bench.cache.variant import Variant
 from bench.common import PeakMemory
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.cache.variants import Variant
+from bench.cache.variant import Variant
 
 TAYLORSEER_WARMUPS = (1, 2, 3)
 """Warm-up computes swept (diffusers' default is 3)."""

@@ -11,11 +11,11 @@ import argparse
 import itertools
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from bench.cache.variant import Variant
 
 METHOD_NAMES = ("none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache", "cachedit")
 SWEEP_HORIZONS = (2, 3, 4, 5, 6, 7, 8)
@@ -50,18 +50,6 @@ ABLATION_MERGE_RATIO = 0.25
 ABLATION_MOTION_FRACTIONS = (0.75, 0.5)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Variant:
-    """One row: a method at one setting, and how to attach it to a transformer."""
-
-    method: str
-    label: str
-    params: dict[str, Any]
-    attach: Callable[[torch.nn.Module], Any] | None  # None: the uncached reference
-    is_fastcache: bool = False  # a FastCache handle (needs set_run)
-    key: tuple | None = None  # rows with equal keys compute the same thing: measured once
 
 
 def _fastcache_config(params: dict[str, Any] | None, use_calibration: bool, calibration: str | None):
