@@ -102,7 +102,8 @@ def grid_variants(transformer: torch.nn.Module, args: argparse.Namespace) -> tup
             variants.append(fastcache_variant(f"tau={t:g}", params, {"setting": "tolerance_sweep"}, *context))
     if "taylorseer" in args.methods:
         variants += per_sample_variants(args.taylorseer_warmups, args.taylorseer_intervals, args.calibration)
-        variants += diffusers_variants(args.taylorseer_warmups, args.taylorseer_intervals)
+        if not getattr(args, "no_taylorseer_hook", False):
+            variants += diffusers_variants(args.taylorseer_warmups, args.taylorseer_intervals)
     return variants, info
 
 
