@@ -31,7 +31,7 @@ from fastcache_core import hooks
 from fastcache_core.adapters import TransformerAdapter, adapter_for
 from fastcache_core.config import CacheParams, FastCacheConfig
 from fastcache_core.forecast import StackHistory
-from fastcache_core.profile import CacheProfile, default_calibration_path, phase_of
+from fastcache_core.profile import load_profile, phase_of
 from fastcache_core.stack import StackRunner
 from fastcache_core.state import RowPool, RowState, SampleState
 from fastcache_core.stats import SampleStats
@@ -51,7 +51,7 @@ class FastCache:
         self.config = config or FastCacheConfig()
         self.adapter: TransformerAdapter = adapter_for(transformer)
         self.blocks = self.adapter.blocks(transformer)
-        self.profile = self._load_profile()
+        self.profile = load_profile(self.config.calibration, self.config.use_calibration, transformer)
         calibrated = self.profile.metadata.get("default_params")
         self.default_params = self.config.params.resolved(CacheParams.from_dict(calibrated) if calibrated else None)
         self.pool = RowPool()
@@ -187,17 +187,6 @@ class FastCache:
         return self.profile.fitted
 
     # ------------------------------------------------------------------ set-up
-
-    def _load_profile(self) -> CacheProfile:
-        if not self.config.use_calibration:
-            return CacheProfile()
-        if isinstance(self.config.calibration, CacheProfile):
-            return self.config.calibration
-        path = self.config.calibration or default_calibration_path(self.transformer)
-        if path is None:
-            logger.info("FastCache: no calibration found; unit forecast gain, no noise floor")
-            return CacheProfile()
-        return CacheProfile.load(path)
 
     # ------------------------------------------------------------------ per forward (called by hooks)
 

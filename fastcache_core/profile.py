@@ -19,11 +19,14 @@ uncalibrated default: unit gain, the library's rule constants, no per-sample tes
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION_FILENAME = "fastcache_calibration.safetensors"
 PROFILE_TENSORS = ("forecast_gain", "error_floor", "tolerance_weight")
@@ -100,6 +103,22 @@ class CacheProfile:
                     )
                 values[key] = f.get_tensor(key)
         return cls(int(meta.get("num_phases", "1")), metadata=json.loads(meta.get("metadata", "{}")), **values)
+
+
+def load_profile(
+    calibration: str | Path | CacheProfile | None, use_calibration: bool, transformer: torch.nn.Module
+) -> CacheProfile:
+    """The profile a cache runs with (``FastCacheConfig.calibration``): a given profile or file, else the
+    file beside the transformer, else the uncalibrated default (also when ``use_calibration`` is off)."""
+    if not use_calibration:
+        return CacheProfile()
+    if isinstance(calibration, CacheProfile):
+        return calibration
+    path = calibration or default_calibration_path(transformer)
+    if path is None:
+        logger.info("FastCache: no calibration found; the library's rule constants, unit forecast gain")
+        return CacheProfile()
+    return CacheProfile.load(path)
 
 
 def default_calibration_path(transformer: torch.nn.Module) -> Path | None:
