@@ -34,17 +34,6 @@ UNCAPPED_SKIP_STEPS = 100
 
 
 @dataclass
-class GridCell:
-    """One cell of the tuning grid, as measured for one variant and tolerance."""
-
-    steps: int
-    guidance: float
-    psnr_db: float
-    psnr_min_db: float
-    mac_fraction: float
-
-
-@dataclass
 class GridSweep:
     """Every variant x tolerance x cell the tuning ran, and what it chose."""
 

@@ -126,8 +126,6 @@ class FastCacheState:
     """The sample's window once the test decided it (normalized time)."""
     drift_ratio: float | None = None
     """``r``: the sample's measured reuse drift relative to a typical sample's."""
-    rejected: bool = False
-    """Whether the test rejected the null (the sample drifts more than typical)."""
 
 
 @lru_cache(maxsize=4096)
@@ -240,8 +238,7 @@ class FastCache(CacheMethod):
             elapsed = progress - state.first_progress
             if forecast_error is not None and rule.reuse_velocity and elapsed > 0.0:
                 state.drift_ratio = forecast_error / (rule.reuse_velocity * elapsed)
-                state.rejected = not accepts_typical_drift(state.drift_ratio, params.significance, dof)
-                if state.rejected:
+                if not accepts_typical_drift(state.drift_ratio, params.significance, dof):
                     state.window = typical * window_factor(state.drift_ratio, rule)
                 sample.stats.details["drift_ratio"] = state.drift_ratio
             sample.stats.details["window"] = state.window
