@@ -13,6 +13,11 @@ real outputs; chained per-block approximations, whose errors compound, are not u
 ``StackHistory`` keeps, per batch-row slot of a ``RowPool``, the last real output, its slope, the
 time of the last compute and how many computes were seen. Updates and forecasts are tensor
 operations on the device with no host round trip.
+
+Times, slopes and the forecast's arithmetic are float32 whatever the model's dtype: in bfloat16 (8
+mantissa bits) normalized times near 1 are rounded to 0.004, a 100-step run's spacing of 0.01 by up to
+40%, and a slope, a difference of two close outputs, keeps two or three significant bits. The last
+output itself stays in the model's dtype (it is what the model produced).
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ class StackHistory:
     def _tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
         return self.pool.get(name, tuple(like.shape[1:]), like.dtype, like.device)
 
-    def _scalars(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.pool.get(name, (), dtype or like.dtype, like.device)
+    def _slopes(self, like: torch.Tensor) -> torch.Tensor:
+        return self.pool.get(_SLOPE, tuple(like.shape[1:]), torch.float32, like.device)
+
+    def _scalars(self, name: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.pool.get(name, (), dtype, like.device)
 
     def forecast(
         self, slots: torch.Tensor, times: torch.Tensor, gains: torch.Tensor, like: torch.Tensor
@@ -44,20 +52,22 @@ class StackHistory:
         ``like`` is any tensor with the per-row shape, dtype and device of the stack output.
         """
         last = gather_rows(self._tensor(_OUT, like), slots, None)
-        slope = gather_rows(self._tensor(_SLOPE, like), slots, None)
-        since = (times - self._scalars(_TIME, like).index_select(0, slots)) * gains
-        return torch.addcmul(last, since.view(-1, *([1] * (last.ndim - 1))), slope)
+        slope = gather_rows(self._slopes(like), slots, None)
+        since = (times.float() - self._scalars(_TIME, like).index_select(0, slots)) * gains.float()
+        forecast = torch.addcmul(last.float(), since.view(-1, *([1] * (last.ndim - 1))), slope)
+        return forecast.to(like.dtype)
 
     def record(self, slots: torch.Tensor, times: torch.Tensor, outputs: torch.Tensor) -> None:
         """Store real stack ``outputs`` of rows ``slots`` computed at normalized ``times``."""
-        out_pool, slope_pool = self._tensor(_OUT, outputs), self._tensor(_SLOPE, outputs)
+        out_pool, slope_pool = self._tensor(_OUT, outputs), self._slopes(outputs)
         time_pool = self._scalars(_TIME, outputs)
         count_pool = self._scalars(_COUNT, outputs, torch.int32)
         previous = gather_rows(out_pool, slots, None)
-        step = times - time_pool.index_select(0, slots)
+        step = times.float() - time_pool.index_select(0, slots)
         usable = (count_pool.index_select(0, slots) > 0) & (step != 0)
         inverse = torch.where(usable, 1.0 / torch.where(usable, step, torch.ones_like(step)), torch.zeros_like(step))
-        write_rows(slope_pool, slots, None, (outputs - previous) * inverse.view(-1, *([1] * (outputs.ndim - 1))))
+        change = outputs.float() - previous.float()
+        write_rows(slope_pool, slots, None, change * inverse.view(-1, *([1] * (outputs.ndim - 1))))
         write_rows(out_pool, slots, None, outputs)
         time_pool.index_copy_(0, slots, times.to(time_pool.dtype))
         count_pool.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))

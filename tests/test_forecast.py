@@ -24,6 +24,17 @@ def test_a_linear_trajectory_is_forecast_exactly_with_uneven_gaps():
     torch.testing.assert_close(forecast, torch.stack([at(0.5)[0], at(0.6)[1]]))
 
 
+def test_a_bfloat16_models_forecast_keeps_float32_times_and_slopes():
+    # outputs exact in bfloat16; the times 0.97, 0.98, 0.99 are not (bfloat16 rounds them by up to 0.004)
+    history, slots = history_with_rows(1)
+    like = torch.zeros(1, 1, 1, dtype=torch.bfloat16)
+    history.record(slots, torch.tensor([0.97]), torch.full((1, 1, 1), 1.0, dtype=torch.bfloat16))
+    history.record(slots, torch.tensor([0.98]), torch.full((1, 1, 1), 1.0625, dtype=torch.bfloat16))
+    forecast = history.forecast(slots, torch.tensor([0.99]), torch.ones(1, dtype=torch.bfloat16), like)
+    assert forecast.dtype == torch.bfloat16
+    assert forecast.item() == 1.125  # the line through both records (bfloat16 times and slopes gave 1.116)
+
+
 def test_after_a_single_compute_the_forecast_is_the_last_output():
     history, slots = history_with_rows()
     y = torch.randn(2, 4, 3)

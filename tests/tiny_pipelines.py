@@ -1,35 +1,16 @@
 """Tiny diffusers pipelines built in-process from small configs of the real classes (no download).
 
 Each builder returns a ready pipeline with seeded random weights on CPU in float32. Text pipelines
-get a word-level tokenizer (``tokenizers``) wrapped in ``PreTrainedTokenizerFast`` and small T5/CLIP
-text encoders built from configs.
+get the word-level tokenizer and small T5/CLIP text encoders of ``models.stand_ins``.
 """
 
 from __future__ import annotations
 
 import torch
 
-WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "green", "photo", "of", "on", "tree", "car", "sky"]
-
-
-def word_tokenizer(max_length: int = 16):
-    """A word-level fast tokenizer with pad/eos/unk tokens and the given model max length."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<|startoftext|>": 3}
-    for word in WORDS:
-        vocab[word] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        bos_token="<|startoftext|>",
-        model_max_length=max_length,
-    )
+from models.stand_ins import clip_encoder as _clip
+from models.stand_ins import t5_encoder as _t5
+from models.stand_ins import word_tokenizer
 
 
 def tiny_vae(in_channels: int = 3, latent_channels: int = 4, shift: bool = False):
@@ -72,42 +53,6 @@ def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2, sample_size: int = 8):
         for i, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
     }
     return _ready(DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler, id2label=labels))
-
-
-def _t5(d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(WORDS) + 4,
-            d_model=d_model,
-            d_ff=64,
-            d_kv=8,
-            num_layers=1,
-            num_heads=4,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-
-
-def _clip(hidden: int = 32, projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(WORDS) + 4,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        projection_dim=hidden,
-        pad_token_id=0,
-        bos_token_id=3,
-        eos_token_id=1,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def tiny_pixart_pipeline(seed: int = 0):

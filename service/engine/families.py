@@ -138,8 +138,11 @@ class FamilyRunner:
         return torch.Generator(device="cpu").manual_seed(seed)
 
     @torch.no_grad()
-    def forward(self, samples: list[Sample], cache: FastCache) -> list[torch.Tensor]:
-        """One transformer forward for all ``samples``; returns each sample's guided model output."""
+    def forward(self, samples: list[Sample], cache: FastCache | None) -> list[torch.Tensor]:
+        """One transformer forward for all ``samples``; returns each sample's guided model output.
+
+        ``cache``: the FastCache attached to the transformer, told which sample each batch row is
+        (``None``: the transformer runs without one, as ``bench.shapes``' uncached reference does)."""
         rows: list[tuple[Hashable, int]] = []
         latents: list[torch.Tensor] = []
         timesteps: list[torch.Tensor] = []
@@ -157,13 +160,15 @@ class FamilyRunner:
                 timesteps.append(self.model_timestep(s))
                 for name, value in cond.items():
                     conds.setdefault(name, []).append(value)
-        cache.bind(rows)
+        if cache is not None:
+            cache.bind(rows)
         try:
             output = self.call_transformer(
                 torch.cat(latents), torch.cat(timesteps), {k: torch.cat(v) for k, v in conds.items()}, samples[0]
             )
         finally:
-            cache.bind(None)
+            if cache is not None:
+                cache.bind(None)
         results = []
         for s in samples:
             out = output[rows.index((s.sample_id, 0))][None]
@@ -262,6 +267,8 @@ class _TextRunner(FamilyRunner):
     """Shared parts of the text-conditioned families."""
 
     max_sequence_length = 120
+    t5_tokenizer = "tokenizer"
+    """The pipeline attribute holding the T5 tokenizer, whose length ``max_sequence_length`` caps."""
 
     def _vae_factor(self) -> int:
         factor: int = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
@@ -272,7 +279,7 @@ class _TextRunner(FamilyRunner):
         return pil
 
     def _text_length(self) -> int:
-        tokenizer = getattr(self.pipe, "tokenizer_2", None) or self.pipe.tokenizer
+        tokenizer = getattr(self.pipe, self.t5_tokenizer, None) or self.pipe.tokenizer
         return min(self.max_sequence_length, int(getattr(tokenizer, "model_max_length", self.max_sequence_length)))
 
 
@@ -343,6 +350,7 @@ class PixArtRunner(_TextRunner):
 class SD3Runner(_TextRunner):
     family = "sd3"
     max_sequence_length = 256
+    t5_tokenizer = "tokenizer_3"  # tokenizer_2 is CLIP-G (77 tokens): it must not cap T5's 256
 
     def family_limits(self) -> ModelLimits:
         cfg = self.transformer.config
@@ -412,6 +420,7 @@ class FluxRunner(_TextRunner):
 
     family = "flux"
     max_sequence_length = 512
+    t5_tokenizer = "tokenizer_2"
 
     def family_limits(self) -> ModelLimits:
         factor = self._vae_factor()

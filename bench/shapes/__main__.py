@@ -1,0 +1,3 @@
+from bench.shapes.cli import main
+
+main()
