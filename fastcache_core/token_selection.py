@@ -69,7 +69,8 @@ class TokenSelection:
             gx = x.index_select(0, sub)
             g_text = None if x_text is None else x_text.index_select(0, sub)
             if count == n_tokens and not merge:
-                gy, gy_text = runner.blocks_run(call, g_index, gx, g_text, None, 0)
+                record = any(step.samples[sample_of_row[r]].refresh_fraction > 0 for r in group_rows)
+                gy, gy_text = runner.blocks_run(call, g_index, gx, g_text, None, 0, record_kv=record)
             else:
                 planned = [plans[sample_of_row[r]][0] for r in group_rows]
                 gy, gy_text, count = self._run_selected(
