@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 REFRESH_SCORES = ("forecast_error", "input_change", "slope")
 """How a token refresh picks its tokens (``FastCacheConfig.refresh_score``)."""
+REFRESH_CONTEXTS = ("kept", "forecast", "none")
+"""How a token refresh picks its tokens (``FastCacheConfig.refresh_score``)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -182,6 +184,12 @@ class FastCacheConfig:
             forecast at the sample's last real compute), ``"input_change"`` (largest relative change of
             the stack input since then) or ``"slope"`` (largest forecast slope). Default
             ``"forecast_error"``.
+        refresh_context: the attention context of a token refresh: ``"kept"`` (the other tokens' keys
+            and values of the last real compute, the refreshed ones replaced) or ``"forecast"`` (keys
+            and values extrapolated along their slope between the last two real computes). Default
+            ``"kept"``. ``"none"`` (an ablation): the refreshed tokens attend among themselves only.
+        refresh_correction: keep a refreshed token's correction of the forecast until the next real
+            compute (``False``: it corrects the refresh step only). Default ``True``.
     """
 
     enabled: bool = True
@@ -193,10 +201,14 @@ class FastCacheConfig:
     token_granularity: int | None = None
     knn_neighbors: int = 5
     refresh_score: str = "forecast_error"
+    refresh_context: str = "kept"
+    refresh_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.refresh_score not in REFRESH_SCORES:
             raise ValueError(f"refresh_score must be one of {', '.join(REFRESH_SCORES)}")
+        if self.refresh_context not in REFRESH_CONTEXTS:
+            raise ValueError(f"refresh_context must be one of {', '.join(REFRESH_CONTEXTS)}")
         if self.first_steps < 0 or self.last_steps < 0:
             raise ValueError("first_steps and last_steps must be >= 0")
         if self.knn_neighbors < 1:

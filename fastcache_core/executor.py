@@ -73,7 +73,11 @@ class BlockExecutor:
         if record_kv and self.supports_refresh:
             self.kv.install(self.self_attentions())
             batch_slots = self.indices.tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
-            with self.kv.recording(take(batch_slots, index)):
+            slots = take(batch_slots, index)
+            gap = None
+            if self.config.refresh_context == "forecast" and step.times is not None:
+                gap = self.history.inverse_gap(slots, take(step.times, index))
+            with self.kv.recording(slots, gap):
                 return self._run_blocks(call, index, image, text, positions, start, stop)
         return self._run_blocks(call, index, image, text, positions, start, stop)
 

@@ -44,6 +44,9 @@ class KVContext:
         """Refresh mode: the refreshed token positions of each row, (R, k), ascending."""
         self.tokens = 0
         """Refresh mode: the sample's full image-token count ``N``."""
+        self.time_scale: torch.Tensor | None = None
+        """Forecast context only. Record mode: ``1 / (t - t_prev)`` per row (0 without an earlier
+        compute), for the keys' and values' slopes; refresh mode: ``t - t_last`` per row."""
         self._installed: list[tuple[nn.Module, Any]] = []
 
     @property
@@ -66,22 +69,28 @@ class KVContext:
         self._installed.clear()
 
     @contextmanager
-    def recording(self, slots: torch.Tensor) -> Iterator[None]:
-        """Within: full-token block calls of rows ``slots`` store their keys and values."""
-        self.mode, self.slots = RECORD, slots
+    def recording(self, slots: torch.Tensor, inverse_gap: torch.Tensor | None = None) -> Iterator[None]:
+        """Within: full-token block calls of rows ``slots`` store their keys and values (and, given
+        ``inverse_gap``, their slopes since the rows' previous record)."""
+        self.mode, self.slots, self.time_scale = RECORD, slots, inverse_gap
         try:
             yield
         finally:
-            self.mode, self.slots = None, None
+            self.mode, self.slots, self.time_scale = None, None, None
 
     @contextmanager
-    def refreshing(self, slots: torch.Tensor, positions: torch.Tensor, tokens: int) -> Iterator[None]:
-        """Within: block calls hold only the tokens at ``positions`` of rows ``slots`` (of ``tokens``)."""
+    def refreshing(
+        self, slots: torch.Tensor, positions: torch.Tensor, tokens: int, since: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Within: block calls hold only the tokens at ``positions`` of rows ``slots`` (of ``tokens``).
+        Given ``since`` (time since the record, per row), the others' keys and values are extrapolated
+        along their slopes and the fresh ones are not kept; else the fresh ones replace the kept ones."""
         self.mode, self.slots, self.positions, self.tokens = REFRESH, slots, positions, tokens
+        self.time_scale = since
         try:
             yield
         finally:
-            self.mode, self.slots, self.positions, self.tokens = None, None, None, 0
+            self.mode, self.slots, self.positions, self.tokens, self.time_scale = None, None, None, 0, None
 
     def cached(self, block: int, which: str, tokens: int, like: torch.Tensor) -> torch.Tensor:
         """The pool tensor of block ``block``'s keys or values, (capacity, tokens, inner)."""
@@ -91,13 +100,23 @@ class KVContext:
         """Record mode: store ``fresh`` (R, N, inner) and return it. Refresh mode: write ``fresh``
         (R, k, inner) into the cache at the refreshed positions and return all N tokens, (R, N, inner)."""
         assert self.slots is not None
+        scale = None if self.time_scale is None else self.time_scale.view(-1, 1, 1).to(fresh.dtype)
         if self.mode == RECORD:
-            write_rows(self.cached(block, which, fresh.shape[1], fresh), self.slots, None, fresh)
+            pool = self.cached(block, which, fresh.shape[1], fresh)
+            if scale is not None:
+                slope = (fresh - gather_rows(pool, self.slots, None)) * scale
+                write_rows(self.cached(block, which + ".slope", fresh.shape[1], fresh), self.slots, None, slope)
+            write_rows(pool, self.slots, None, fresh)
             return fresh
         assert self.positions is not None
         pool = self.cached(block, which, self.tokens, fresh)
-        write_rows(pool, self.slots, self.positions, fresh)
-        return gather_rows(pool, self.slots, None)
+        if scale is None:
+            write_rows(pool, self.slots, self.positions, fresh)
+            return gather_rows(pool, self.slots, None)
+        slope = gather_rows(self.cached(block, which + ".slope", self.tokens, fresh), self.slots, None)
+        context = torch.addcmul(gather_rows(pool, self.slots, None), scale, slope)
+        index = self.positions.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
+        return context.scatter(1, index, fresh)
 
 
 class ContextAttention:

@@ -76,14 +76,33 @@ class TokenRefresh:
             g_slots = row_slots.index_select(0, sub)
             g_index = sub if index is None else index.index_select(0, sub)
             g_text = None if text is None else take(text, g_index)
-            with runner.kv.refreshing(g_slots, positions, n_tokens):
-                out, _ = runner.blocks_run(
-                    call, g_index, gather_tokens(x.index_select(0, sub), positions), g_text, None, 0
-                )
+            gx = gather_tokens(x.index_select(0, sub), positions)
+            out = self._run_tokens(step, call, g_index, g_slots, gx, g_text, positions, n_tokens)
             g_forecast = forecast.index_select(0, sub)
-            write_rows(correction, g_slots, positions, out - gather_tokens(g_forecast, positions))
+            if runner.config.refresh_correction:
+                write_rows(correction, g_slots, positions, out - gather_tokens(g_forecast, positions))
             y.index_copy_(0, sub, scatter_tokens(g_forecast + gather_rows(correction, g_slots, None), positions, out))
         return StackPart(rows, y, take(text, index), text_known=text is None), counts
+
+    def _run_tokens(
+        self,
+        step: StepContext,
+        call: dict[str, Any],
+        g_index: torch.Tensor,
+        g_slots: torch.Tensor,
+        gx: torch.Tensor,
+        g_text: torch.Tensor | None,
+        positions: torch.Tensor,
+        n_tokens: int,
+    ) -> torch.Tensor:
+        """The refreshed tokens ``gx`` through every block, over the context ``refresh_context`` names."""
+        runner = self.runner
+        context = runner.config.refresh_context
+        if context == "none":  # an ablation: the refreshed tokens attend among themselves only
+            return runner.blocks_run(call, g_index, gx, g_text, None, 0)[0]
+        since = runner.history.since(g_slots, take(step.times, g_index)) if context == "forecast" else None
+        with runner.kv.refreshing(g_slots, positions, n_tokens, since):
+            return runner.blocks_run(call, g_index, gx, g_text, None, 0)[0]
 
     def token_count(self, fraction: float, n_tokens: int) -> int:
         """Tokens refreshed at ``fraction``: rounded up to the token granularity, so samples share calls."""
