@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--fractions", default="0,0.25", help="comma list of refresh fractions (0: block cache)")
     parser.add_argument("--scores", default="forecast_error", help="comma list of refresh scores")
     parser.add_argument("--warmup", type=float, default=None, help="override the profile's warm-up share")
+    parser.add_argument("--merges", default="0", help="comma list of merge ratios (block cache + merge rows)")
+    parser.add_argument("--merge-strategy", default="static_bipartite", help="knn or static_bipartite")
     parser.add_argument("--context", default="kept", help="refresh context: kept or forecast")
     parser.add_argument("--no-correction", action="store_true", help="a refresh corrects its own step only")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -78,9 +80,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     labels = torch.tensor(gen.labels)
     rows = []
     for tolerance in [float(t) for t in args.tolerances.split(",")]:
-        for fraction in [float(f) for f in args.fractions.split(",")]:
+        settings = [(float(f), 0.0) for f in args.fractions.split(",")]
+        settings += [(0.0, float(m)) for m in args.merges.split(",") if float(m) > 0]
+        for fraction, merge in settings:
             for score in args.scores.split(",") if fraction > 0 else ["-"]:
-                params = {"tolerance": tolerance, "refresh_fraction": fraction}
+                params = {"tolerance": tolerance, "refresh_fraction": fraction, "merge_ratio": merge}
                 got = _run(
                     gen,
                     pipe,
@@ -89,12 +93,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     args.warmup,
                     refresh_context=args.context,
                     refresh_correction=not args.no_correction,
+                    merge_strategy=args.merge_strategy,
                 )
                 per_image = psnr(got["images"], reference["images"]).clamp(max=100.0).tolist()
                 accuracy = judge.class_accuracy(got["images"], labels) if judge is not None else None
                 row = {
                     "tolerance": tolerance,
                     "refresh_fraction": fraction,
+                    "merge_ratio": merge,
+                    "merge_strategy": args.merge_strategy if merge else None,
                     "score": score,
                     "warmup": args.warmup,
                     "context": args.context,

@@ -180,6 +180,9 @@ class FastCacheConfig:
         token_granularity: computed-token counts are rounded up to a multiple of this (``None``:
             1/16 of the image tokens) so samples with similar counts share a batched block call.
         knn_neighbors: k of the k-NN density used for token merging. Default ``5``.
+        merge_strategy: how ``merge_ratio`` merges: ``"knn"`` (the densest tokens into their most similar
+            kept token) or ``"static_bipartite"`` (ToMe-style bipartite matching among the least salient
+            tokens only, with proportional attention; DiT and PixArt). Default ``"knn"``.
         refresh_score: which tokens a token refresh computes: ``"forecast_error"`` (largest error of the
             forecast at the sample's last real compute), ``"input_change"`` (largest relative change of
             the stack input since then) or ``"slope"`` (largest forecast slope). Default
@@ -200,6 +203,7 @@ class FastCacheConfig:
     use_calibration: bool = True
     token_granularity: int | None = None
     knn_neighbors: int = 5
+    merge_strategy: str = "knn"
     refresh_score: str = "forecast_error"
     refresh_context: str = "kept"
     refresh_correction: bool = True
@@ -207,6 +211,8 @@ class FastCacheConfig:
     def __post_init__(self) -> None:
         if self.refresh_score not in REFRESH_SCORES:
             raise ValueError(f"refresh_score must be one of {', '.join(REFRESH_SCORES)}")
+        if self.merge_strategy not in ("knn", "static_bipartite"):
+            raise ValueError("merge_strategy must be 'knn' or 'static_bipartite'")
         if self.refresh_context not in REFRESH_CONTEXTS:
             raise ValueError(f"refresh_context must be one of {', '.join(REFRESH_CONTEXTS)}")
         if self.first_steps < 0 or self.last_steps < 0:

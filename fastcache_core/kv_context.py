@@ -11,7 +11,9 @@ keys and values of every image token from the sample's last real compute, and ha
 * off: the processor it replaced runs unchanged (identical output);
 * record: plain self-attention over all tokens, and the keys and values are stored for the rows' slots;
 * refresh: the rows hold only the refreshed tokens (``positions``, per row); their fresh keys and values
-  are written into the cached ones, and their queries attend over all ``N`` tokens.
+  are written into the cached ones, and their queries attend over all ``N`` tokens;
+* proportional: the rows hold merged tokens, and a key standing for ``s`` tokens gets ``log s`` added
+  to its attention logits (ToMe's proportional attention), as if its ``s`` tokens were all there.
 
 Text tokens never pass through these processors (DiT has none; PixArt's reach the blocks through the
 cross-attention, which stays as it is).
@@ -29,7 +31,7 @@ from torch import nn
 
 from fastcache_core.state import RowPool, gather_rows, write_rows
 
-RECORD, REFRESH = "record", "refresh"
+RECORD, REFRESH, PROPORTIONAL = "record", "refresh", "proportional"
 
 
 class KVContext:
@@ -91,6 +93,15 @@ class KVContext:
             yield
         finally:
             self.mode, self.slots, self.positions, self.tokens, self.time_scale = None, None, None, 0, None
+
+    @contextmanager
+    def proportional(self, sizes: torch.Tensor) -> Iterator[None]:
+        """Within: block calls hold merged tokens, each standing for ``sizes`` (rows, n') tokens."""
+        self.mode, self.time_scale = PROPORTIONAL, sizes.log()[:, None, None, :]
+        try:
+            yield
+        finally:
+            self.mode, self.time_scale = None, None
 
     def cached(self, block: int, which: str, tokens: int, like: torch.Tensor) -> torch.Tensor:
         """The pool tensor of block ``block``'s keys or values, (capacity, tokens, inner)."""
@@ -158,8 +169,12 @@ class ContextAttention:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        key = context.context(self.block, "key", attn.to_k(hidden_states))
-        value = context.context(self.block, "value", attn.to_v(hidden_states))
+        bias = None
+        if context.mode == PROPORTIONAL:
+            key, value, bias = attn.to_k(hidden_states), attn.to_v(hidden_states), context.time_scale
+        else:
+            key = context.context(self.block, "key", attn.to_k(hidden_states))
+            value = context.context(self.block, "value", attn.to_v(hidden_states))
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -168,7 +183,9 @@ class ContextAttention:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        if bias is not None:
+            bias = bias.to(query.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

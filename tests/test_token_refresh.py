@@ -98,3 +98,41 @@ def test_removing_the_cache_restores_the_attention_processors(tiny_dit):
     assert all(isinstance(b.attn1.processor, ContextAttention) for b in tiny_dit.transformer.transformer_blocks)
     cache.remove()
     assert [b.attn1.processor for b in tiny_dit.transformer.transformer_blocks] == before
+
+
+def test_static_bipartite_merge_of_duplicate_tokens_with_proportional_attention_is_exact(tiny_dit):
+    from fastcache_core.tokens import knn_unmerge, static_bipartite_merge
+
+    block = tiny_dit.transformer.transformer_blocks[0]
+    torch.manual_seed(1)
+    half = torch.randn(2, 8, 32)
+    x = torch.cat([half, half], dim=1)  # tokens 8..15 repeat tokens 0..7
+    saliency = torch.full((2, 16), 5.0)
+    saliency[:, [0, 8, 1, 9, 2, 10, 3, 11]] = torch.arange(8.0)  # A = 0..3, B = 8..11: duplicates pair up
+    merged, merge = static_bipartite_merge(x, saliency, 2)
+    assert merged.shape[1] == 14 and bool((merge.sizes.sum(1) == 16).all())
+    assert merge.sizes.max() == 2  # only duplicates merged: a token with a different partner would differ
+    context = KVContext(RowPool())
+    context.install([block.attn1])
+    try:
+        with torch.no_grad():
+            plain = block(**_block_call(tiny_dit, x))
+            with context.proportional(merge.sizes):
+                out = block(**_block_call(tiny_dit, merged))
+    finally:
+        context.uninstall()
+    torch.testing.assert_close(knn_unmerge(out, merged, x, merge), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_static_bipartite_merge_never_merges_a_moving_token():
+    from fastcache_core.tokens import static_bipartite_merge
+
+    torch.manual_seed(2)
+    x = torch.randn(1, 32, 8)
+    saliency = torch.rand(1, 32)
+    saliency[0, :8] += 10.0  # the moving tokens
+    _, merge = static_bipartite_merge(x, saliency, 4)
+    own_slot = merge.slot[0, :8]
+    kept_rank = torch.searchsorted(merge.kept[0], torch.arange(8))
+    assert torch.equal(own_slot, kept_rank)  # each moving token is its own representative
+    assert merge.sizes[0, own_slot].eq(1).all()  # and absorbed nothing
