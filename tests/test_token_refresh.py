@@ -136,3 +136,13 @@ def test_static_bipartite_merge_never_merges_a_moving_token():
     kept_rank = torch.searchsorted(merge.kept[0], torch.arange(8))
     assert torch.equal(own_slot, kept_rank)  # each moving token is its own representative
     assert merge.sizes[0, own_slot].eq(1).all()  # and absorbed nothing
+
+
+def test_a_refresh_with_the_context_kept_costs_its_share_of_the_block_macs():
+    from bench.token_cost import measure
+
+    row = measure(tokens=64, width=32, heads=2, fraction=0.25, repeats=1)
+    # queries scale, keys stay all N; the per-row timestep embedding is a small fixed cost
+    assert row["refresh_mac_fraction"] == pytest.approx(0.25, abs=0.02)
+    assert row["selection_mac_fraction"] < row["refresh_mac_fraction"]  # dropping the context is cheaper
+    assert 0.0 < row["attention_share"] < 1.0
