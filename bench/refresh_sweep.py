@@ -1,4 +1,4 @@
-"""``python -m bench.refresh_sweep``: token refresh against the block cache alone, MACs and PSNR only.
+"""``python -m bench.refresh_sweep``: token refresh and merging against the block cache alone, MACs and PSNR.
 
 A quick frontier study without timing (so contention on shared cores does not matter): for each
 tolerance (the block cache's window) and each refresh fraction, the images' PSNR against the uncached
