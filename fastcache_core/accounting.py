@@ -59,6 +59,31 @@ class StepAccounting:
             sample.stats.tokens_total += tokens
             sample.stats.macs_computed += self.stack_macs(computed_tokens[k]) * len(step.sample_rows[k])
 
+    def count_refreshes(self, step: StepContext, members: list[int], refreshed: dict[int, int], tokens: int) -> None:
+        """Counters of samples whose stack was forecast with ``refreshed[k]`` of ``tokens`` tokens run through
+        it (attending over all ``tokens``), plus the forecast and the correction (one op per number each)."""
+        blocks = len(self.runner.blocks)
+        assert self._call is not None
+        width = self._call[1].shape[-1]
+        for k in members:
+            sample = step.samples[k]
+            sample.stats.blocks_approximated += blocks
+            sample.stats.tokens_computed += refreshed[k]
+            sample.stats.tokens_total += tokens
+            per_row = self.stack_macs_partial(refreshed[k], tokens) + 2 * tokens * width
+            sample.stats.macs_computed += per_row * len(step.sample_rows[k])
+
+    def stack_macs_partial(self, queries: int, tokens: int) -> float:
+        """Measured MACs of the stack on one row when ``queries`` of ``tokens`` tokens run, attending over all."""
+        self.stack_macs(tokens)
+        call, image, text = self._measure_args()
+        key = (None, image.shape[1], None if text is None else text.shape[1], image.shape[-1], image.dtype)
+        return self.costs.partial_macs(key, queries, tokens, lambda n: None, tokens)
+
+    def _measure_args(self) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
+        assert self._call is not None
+        return self._call
+
     def stack_macs(self, tokens: int, stop: int | None = None) -> float:
         """Measured MACs of blocks ``0..stop`` on one row with ``tokens`` image tokens (BlockCostModel)."""
         assert self._call is not None

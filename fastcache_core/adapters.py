@@ -130,6 +130,11 @@ class TransformerAdapter:
         """Whether rows computed together must use identical token positions (rotary tables are unbatched)."""
         return self.rotary_kwarg is not None
 
+    def self_attention(self, block: nn.Module) -> nn.Module | None:
+        """The block's image self-attention, where a token refresh keeps the other tokens' keys and values
+        (``kv_context.py``); ``None`` when the family has no processor for it (token refresh then forecasts)."""
+        return None
+
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
         """The first block's timestep-modulated input (TeaCache's change indicator); ``call`` holds
         the batched arguments of the same rows as ``image``."""
@@ -140,6 +145,9 @@ class DiTAdapter(TransformerAdapter):
     family = "dit"
     batched_kwargs = ("timestep", "class_labels")
     output_projection_name = "proj_out_2"
+
+    def self_attention(self, block: nn.Module) -> nn.Module | None:
+        return submodule(block, "attn1")
 
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
         modulated: torch.Tensor = submodule(block, "norm1")(
@@ -152,6 +160,9 @@ class PixArtAdapter(TransformerAdapter):
     plain_cond_branch = 1
     family = "pixart"
     batched_kwargs = ("timestep", "encoder_hidden_states", "encoder_attention_mask", "attention_mask")
+
+    def self_attention(self, block: nn.Module) -> nn.Module | None:
+        return submodule(block, "attn1")
 
     def modulated_input(self, block: nn.Module, call: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
         timestep: torch.Tensor = call["timestep"]

@@ -89,6 +89,7 @@ class FastCache:
     def remove(self) -> None:
         """Detach: remove the hooks (diffusers' ``remove_hook``) and every cached tensor."""
         hooks.detach(self)
+        self._runner.kv.uninstall()
         self.pool.clear()
         self._samples.clear()
         self._rows.clear()

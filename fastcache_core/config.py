@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from fastcache_core.profile import CacheProfile
 
 
+REFRESH_SCORES = ("forecast_error", "input_change", "slope")
+"""How a token refresh picks its tokens (``FastCacheConfig.refresh_score``)."""
+REFRESH_CONTEXTS = ("kept", "forecast", "none")
+"""How a token refresh picks its tokens (``FastCacheConfig.refresh_score``)."""
+
+
 def __getattr__(name: str) -> Any:
     if name == "METHODS":  # the registry's names at the time of asking (plug-ins included)
         return method_names()
@@ -48,6 +54,11 @@ class CacheParams:
         merge_ratio: k-NN density token merging: fraction of the computed image tokens merged into
             their nearest neighbour before the blocks and unmerged after. ``0`` disables it.
             Range [0, 0.9].
+        refresh_fraction: token refresh (``fastcache``): at every forecast step, this share of the image
+            tokens (those whose forecast erred most at the last real compute) runs the whole stack,
+            attending over the cached keys and values of the others; their outputs correct the forecast
+            until the next real compute. DiT and PixArt only (SD3 and Flux forecast). ``0`` disables it.
+            Range [0, 1].
         max_skip_steps: the most consecutive forecast steps between two real computes (for
             ``taylorseer``: exactly this many, i.e. its cache interval is ``max_skip_steps + 1``); also
             the most consecutive computes a static token may skip. Range [1, 100].
@@ -63,6 +74,7 @@ class CacheParams:
     motion_fraction: float | None = None
     merge_ratio: float | None = None
     max_skip_steps: int | None = None
+    refresh_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in method_names():
@@ -122,6 +134,7 @@ CACHE_FIELDS: dict[str, FieldLimits] = {
     "motion_fraction": FieldLimits(0.0, 1.0, "compute exactly this share of tokens instead", low_open=True),
     "merge_ratio": FieldLimits(0.0, 0.9, "share of computed tokens merged by k-NN density; 0 = off"),
     "max_skip_steps": FieldLimits(1, 100, "most forecast steps in a row (taylorseer: exactly this many)", integer=True),
+    "refresh_fraction": FieldLimits(0.0, 1.0, "share of tokens refreshed at each forecast step (K/V kept); 0 = off"),
 }
 """Every numeric field of ``CacheParams`` with its range (see the class docstring for full meanings)."""
 
@@ -138,6 +151,7 @@ class ResolvedCacheParams(CacheParams):
     motion_fraction: float = 1.0
     merge_ratio: float = 0.0
     max_skip_steps: int = 4
+    refresh_fraction: float = 0.0
 
 
 DEFAULT_PARAMS = ResolvedCacheParams()
@@ -166,6 +180,19 @@ class FastCacheConfig:
         token_granularity: computed-token counts are rounded up to a multiple of this (``None``:
             1/16 of the image tokens) so samples with similar counts share a batched block call.
         knn_neighbors: k of the k-NN density used for token merging. Default ``5``.
+        merge_strategy: how ``merge_ratio`` merges: ``"knn"`` (the densest tokens into their most similar
+            kept token) or ``"static_bipartite"`` (ToMe-style bipartite matching among the least salient
+            tokens only, with proportional attention; DiT and PixArt). Default ``"knn"``.
+        refresh_score: which tokens a token refresh computes: ``"forecast_error"`` (largest error of the
+            forecast at the sample's last real compute), ``"input_change"`` (largest relative change of
+            the stack input since then) or ``"slope"`` (largest forecast slope). Default
+            ``"forecast_error"``.
+        refresh_context: the attention context of a token refresh: ``"kept"`` (the other tokens' keys
+            and values of the last real compute, the refreshed ones replaced) or ``"forecast"`` (keys
+            and values extrapolated along their slope between the last two real computes). Default
+            ``"kept"``. ``"none"`` (an ablation): the refreshed tokens attend among themselves only.
+        refresh_correction: keep a refreshed token's correction of the forecast until the next real
+            compute (``False``: it corrects the refresh step only). Default ``True``.
     """
 
     enabled: bool = True
@@ -176,8 +203,18 @@ class FastCacheConfig:
     use_calibration: bool = True
     token_granularity: int | None = None
     knn_neighbors: int = 5
+    merge_strategy: str = "knn"
+    refresh_score: str = "forecast_error"
+    refresh_context: str = "kept"
+    refresh_correction: bool = True
 
     def __post_init__(self) -> None:
+        if self.refresh_score not in REFRESH_SCORES:
+            raise ValueError(f"refresh_score must be one of {', '.join(REFRESH_SCORES)}")
+        if self.merge_strategy not in ("knn", "static_bipartite"):
+            raise ValueError("merge_strategy must be 'knn' or 'static_bipartite'")
+        if self.refresh_context not in REFRESH_CONTEXTS:
+            raise ValueError(f"refresh_context must be one of {', '.join(REFRESH_CONTEXTS)}")
         if self.first_steps < 0 or self.last_steps < 0:
             raise ValueError("first_steps and last_steps must be >= 0")
         if self.knn_neighbors < 1:

@@ -16,9 +16,10 @@ import torch
 from fastcache_core.adapters import TransformerAdapter
 from fastcache_core.config import FastCacheConfig
 from fastcache_core.forecast import StackHistory
+from fastcache_core.kv_context import KVContext
 from fastcache_core.methods import MethodContext
 from fastcache_core.profile import CacheProfile
-from fastcache_core.rows import IndexCache
+from fastcache_core.rows import IndexCache, take
 from fastcache_core.state import RowPool
 from fastcache_core.step import StepContext
 
@@ -47,6 +48,8 @@ class BlockExecutor:
         self.history = history
         self.block_callables = block_callables
         self.indices = IndexCache()
+        self.kv = KVContext(pool)
+        """Keys and values kept for token refreshes (``kv_context.py``)."""
         self.step: StepContext | None = None
         """The step being run (``None`` between steps)."""
 
@@ -61,8 +64,33 @@ class BlockExecutor:
         positions: torch.Tensor | None,
         start: int,
         stop: int | None = None,
+        record_kv: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run blocks ``start..stop`` really on the rows ``index`` of the batch (``None``: all rows)."""
+        """Run blocks ``start..stop`` really on the rows ``index`` of the batch (``None``: all rows);
+        ``record_kv``: every token of every row runs, and their keys and values are kept for token refreshes."""
+        step = self.step
+        assert step is not None
+        if record_kv and self.supports_refresh:
+            self.kv.install(self.self_attentions())
+            batch_slots = self.indices.tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
+            slots = take(batch_slots, index)
+            gap = None
+            if self.config.refresh_context == "forecast" and step.times is not None:
+                gap = self.history.inverse_gap(slots, take(step.times, index))
+            with self.kv.recording(slots, gap):
+                return self._run_blocks(call, index, image, text, positions, start, stop)
+        return self._run_blocks(call, index, image, text, positions, start, stop)
+
+    def _run_blocks(
+        self,
+        call: dict[str, Any],
+        index: torch.Tensor | None,
+        image: torch.Tensor,
+        text: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        start: int,
+        stop: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         step = self.step
         assert step is not None
         adapter = self.adapter
@@ -74,6 +102,16 @@ class BlockExecutor:
         finally:
             step.running = False
         return image, text
+
+    @property
+    def supports_refresh(self) -> bool:
+        """Whether this family's self-attention keeps keys and values for token refreshes."""
+        return self.adapter.self_attention(self.blocks[0]) is not None
+
+    def self_attentions(self) -> list[torch.nn.Module]:
+        """Each block's image self-attention (token refresh families only)."""
+        found = [self.adapter.self_attention(block) for block in self.blocks]
+        return [a for a in found if a is not None]
 
     # ------------------------------------------------------------------ small helpers
 

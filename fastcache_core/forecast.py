@@ -72,6 +72,16 @@ class StackHistory:
         time_pool.index_copy_(0, slots, times.to(time_pool.dtype))
         count_pool.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
 
+    def since(self, slots: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """``t - t_k`` per row: normalized time since the rows' last real compute, (R,)."""
+        return times - self._scalars(_TIME, times).index_select(0, slots)
+
+    def inverse_gap(self, slots: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """``1 / (t - t_k)`` per row, 0 for rows without an earlier compute (a first slope is zero)."""
+        step = self.since(slots, times)
+        usable = (self._scalars(_COUNT, times, torch.int32).index_select(0, slots) > 0) & (step != 0)
+        return torch.where(usable, 1.0 / torch.where(usable, step, torch.ones_like(step)), torch.zeros_like(step))
+
     def record_input(self, slots: torch.Tensor, inputs: torch.Tensor) -> None:
         """Store the stack input of a real compute (residual reuse needs it)."""
         write_rows(self._tensor(_IN, inputs), slots, None, inputs)

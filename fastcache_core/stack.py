@@ -11,7 +11,9 @@ The loop knows modes, not methods:
 * ``forecast``: the stack output is extrapolated from the history with the method's gain;
 * ``reuse``: the last computed residual is added to the current input;
 * ``first_block``: block 0 runs; the method decides from its residual change whether the tail is
-  reused or runs too (``first_block.py``).
+  reused or runs too (``first_block.py``);
+* ``refresh``: the forecast, with a share of the tokens run through the stack over the others' cached
+  keys and values (``token_refresh.py``); real computes of such samples keep their keys and values.
 
 All rows in compute mode share one call of each block (one call per token-count group with token
 selection), and share it with first-block rows too: block 0 runs once over both, the tail once over
@@ -31,10 +33,11 @@ from fastcache_core.accounting import StepAccounting
 from fastcache_core.executor import BlockExecutor
 from fastcache_core.first_block import run_first_block
 from fastcache_core.forecast import guided_error
-from fastcache_core.methods import COMPUTE, FIRST_BLOCK, FORECAST, INPUT_CHANGE, REUSE
+from fastcache_core.methods import COMPUTE, FIRST_BLOCK, FORECAST, INPUT_CHANGE, REFRESH, REUSE
 from fastcache_core.rows import StackPart, relative_changes, take
 from fastcache_core.state import SampleState, gather_rows, write_rows
 from fastcache_core.step import StepContext
+from fastcache_core.token_refresh import TokenRefresh
 from fastcache_core.token_selection import TokenSelection
 
 
@@ -46,6 +49,7 @@ class StackRunner(BlockExecutor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tokens = TokenSelection(self)
+        self.refresh = TokenRefresh(self)
         self.accounting = StepAccounting(self)
 
     @torch.no_grad()
@@ -61,10 +65,17 @@ class StackRunner(BlockExecutor):
         }
         members_of = {mode: [k for k, m in enumerate(modes) if m == mode] for mode in (COMPUTE, FIRST_BLOCK)}
         # plain computes share first-block rows' block calls: each block runs once per step, not twice
-        sharing = bool(members_of[FIRST_BLOCK]) and not any(step.samples[k].selects_tokens for k in members_of[COMPUTE])
+        sharing = bool(members_of[FIRST_BLOCK]) and not any(
+            step.samples[k].selects_tokens or step.samples[k].refresh_fraction > 0 for k in members_of[COMPUTE]
+        )
         parts: list[StackPart] = []
         if rows_of.get(FORECAST):
             parts.append(self._forecast(step, rows_of[FORECAST], image, text, slots))
+        if rows_of.get(REFRESH):
+            refreshing = [k for k, m in enumerate(modes) if m == REFRESH]
+            part, refreshed = self.refresh.run(step, call, refreshing, rows_of[REFRESH], image, text, slots)
+            self.accounting.count_refreshes(step, refreshing, refreshed, image.shape[1])
+            parts.append(part)
         if rows_of.get(REUSE):
             parts.append(self._residual_reuse(step, rows_of[REUSE], image, text, slots))
         if rows_of.get(COMPUTE) and not sharing:
@@ -96,7 +107,10 @@ class StackRunner(BlockExecutor):
         probed = [k for k, p in enumerate(probes) if p == INPUT_CHANGE]
         if probed:
             values = self._input_changes(step, call, probed, image, slots)
-        return [COMPUTE if forced[k] else s.method.mode(s, context, values.get(k)) for k, s in enumerate(step.samples)]
+        modes = [COMPUTE if forced[k] else s.method.mode(s, context, values.get(k)) for k, s in enumerate(step.samples)]
+        if REFRESH in modes and not self.supports_refresh:  # no processor keeps this family's keys and values
+            modes = [FORECAST if m == REFRESH else m for m in modes]
+        return modes
 
     def _input_changes(
         self, step: StepContext, call: dict[str, Any], members: list[int], image: torch.Tensor, slots: torch.Tensor
@@ -118,7 +132,10 @@ class StackRunner(BlockExecutor):
         self, step: StepContext, rows: list[int], image: torch.Tensor, text: torch.Tensor | None, slots: torch.Tensor
     ) -> StackPart:
         index = self.indices.rows(rows, image)
-        y = self.history.forecast(take(slots, index), take(step.times, index), self.gains(step, rows, image), image)
+        row_slots = take(slots, index)
+        y = self.history.forecast(row_slots, take(step.times, index), self.gains(step, rows, image), image)
+        if any(step.samples[k].refresh_fraction > 0 for k, rs in enumerate(step.sample_rows) if rs[0] in rows):
+            y = self.refresh.corrected(y, row_slots)  # corrections are zero for the other rows
         self.accounting.count_skips(step, rows, image)
         return StackPart(rows, y, take(text, index))
 
@@ -146,7 +163,8 @@ class StackRunner(BlockExecutor):
         if any(step.samples[k].selects_tokens for k in members):
             y, y_text, computed_tokens = self.tokens.compute(step, call, members, rows, index, x, x_text, row_slots)
         else:
-            y, y_text = self.blocks_run(call, index, x, x_text, None, 0)
+            record = any(step.samples[k].refresh_fraction > 0 for k in members)
+            y, y_text = self.blocks_run(call, index, x, x_text, None, 0, record_kv=record)
             computed_tokens = {k: x.shape[1] for k in members}
         self.after_compute(step, members, rows, index, row_slots, x, y)
         self.accounting.count_computes(step, members, computed_tokens, image.shape[1])
@@ -169,6 +187,14 @@ class StackRunner(BlockExecutor):
         local = {r: i for i, r in enumerate(rows)}
         measured = [k for k in members if step.samples[k].method.measures_forecast_error(step.samples[k], context)]
         errors = self._forecast_errors(step, measured, rows, local, row_slots, y) if measured else {}
+        refreshing = [local[r] for k in members if step.samples[k].refresh_fraction > 0 for r in step.sample_rows[k]]
+        if refreshing:
+            sub = self.indices.index(refreshing, y.device)
+            batch_rows = [rows[i] for i in refreshing]
+            times = take(step.times, self.indices.index(batch_rows, y.device))
+            self.refresh.after_compute(
+                row_slots.index_select(0, sub), times, self.gains(step, batch_rows, y), y.index_select(0, sub)
+            )
         self.history.record(row_slots, take(step.times, index), y)
         keep = [local[r] for k in members if self._keeps_inputs(step.samples[k]) for r in step.sample_rows[k]]
         if keep:
@@ -222,9 +248,9 @@ class StackRunner(BlockExecutor):
             step.samples[k].stats.macs_computed += macs * len(step.sample_rows[k])
         return errors
 
-    @staticmethod
-    def _keeps_inputs(sample: SampleState) -> bool:
-        return sample.token_plan is not None or sample.method.keeps_inputs(sample)
+    def _keeps_inputs(self, sample: SampleState) -> bool:
+        refresh_input = sample.refresh_fraction > 0 and self.config.refresh_score == "input_change"
+        return refresh_input or sample.token_plan is not None or sample.method.keeps_inputs(sample)
 
     def _assemble(
         self, parts: list[StackPart], image: torch.Tensor, text: torch.Tensor | None

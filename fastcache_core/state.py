@@ -67,6 +67,11 @@ class SampleState:
         return self.method.token_plan(self)
 
     @property
+    def refresh_fraction(self) -> float:
+        """Share of image tokens this sample's token refreshes compute (``0``: it never refreshes tokens)."""
+        return self.method.refresh_fraction(self)
+
+    @property
     def selects_tokens(self) -> bool:
         """Whether this sample's next real compute selects or merges tokens: it has a token plan and has
         computed once (the first compute has no earlier input to measure motion against)."""

@@ -107,6 +107,15 @@ class BlockCostModel:
         a, b, c = coeffs
         return a + b * tokens + c * tokens * tokens
 
+    def partial_macs(
+        self, key: Hashable, queries: int, keys: int, measure: Callable[[int], object], full_tokens: int
+    ) -> float:
+        """MACs with ``queries`` tokens run against ``keys`` attention keys (a token refresh): the linear
+        layers scale with the queries, the attention with queries x keys."""
+        self.macs(key, full_tokens, measure, full_tokens)
+        a, b, c = self._coefficients[key]
+        return a + b * queries + c * queries * keys
+
     @staticmethod
     def _fit(measure: Callable[[int], object], full_tokens: int) -> tuple[float, float, float]:
         points = sorted({max(1, full_tokens // 4), max(1, full_tokens // 2), full_tokens})

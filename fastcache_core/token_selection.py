@@ -24,6 +24,7 @@ from fastcache_core.tokens import (
     motion_token_count,
     relative_token_change,
     scatter_tokens,
+    static_bipartite_merge,
     top_tokens,
 )
 
@@ -69,7 +70,8 @@ class TokenSelection:
             gx = x.index_select(0, sub)
             g_text = None if x_text is None else x_text.index_select(0, sub)
             if count == n_tokens and not merge:
-                gy, gy_text = runner.blocks_run(call, g_index, gx, g_text, None, 0)
+                record = any(step.samples[sample_of_row[r]].refresh_fraction > 0 for r in group_rows)
+                gy, gy_text = runner.blocks_run(call, g_index, gx, g_text, None, 0, record_kv=record)
             else:
                 planned = [plans[sample_of_row[r]][0] for r in group_rows]
                 gy, gy_text, count = self._run_selected(
@@ -104,10 +106,21 @@ class TokenSelection:
         positions = torch.stack([full if p is None else p for p in planned])
         selected = gather_tokens(gx, positions)
         merged, merge_info, block_positions = selected, None, positions
-        if merge:
+        bipartite = merge and runner.config.merge_strategy == "static_bipartite" and runner.supports_refresh
+        if bipartite:
+            inputs = runner.pool.get("history.in", tuple(gx.shape[1:]), gx.dtype, gx.device)
+            change, norm_sq = relative_token_change(selected, gather_rows(inputs, g_slots, positions))
+            merged, merge_info = static_bipartite_merge(selected, change / norm_sq.clamp_min(1e-12), merge)
+        elif merge:
             merged, merge_info = knn_merge(selected, merge, runner.config.knn_neighbors)
+        if merge_info is not None:
             block_positions = positions.gather(1, merge_info.kept)
-        out, gy_text = runner.blocks_run(call, g_index, merged, g_text, block_positions, 0)
+        if bipartite and merge_info is not None and merge_info.sizes is not None:
+            runner.kv.install(runner.self_attentions())
+            with runner.kv.proportional(merge_info.sizes):
+                out, gy_text = runner.blocks_run(call, g_index, merged, g_text, block_positions, 0)
+        else:
+            out, gy_text = runner.blocks_run(call, g_index, merged, g_text, block_positions, 0)
         if merge_info is not None:
             out = knn_unmerge(out, merged, selected, merge_info)
         base = gx

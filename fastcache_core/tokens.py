@@ -63,11 +63,13 @@ class TokenMerge:
     """How one batch of rows was merged: enough to unmerge.
 
     ``kept``: (rows, n - r) indices of the kept tokens into the merged input, ascending;
-    ``slot``: (rows, n) index of each input token's kept representative in the merged set.
+    ``slot``: (rows, n) index of each input token's kept representative in the merged set;
+    ``sizes``: (rows, n - r) how many input tokens each merged token stands for.
     """
 
     kept: torch.Tensor
     slot: torch.Tensor
+    sizes: torch.Tensor | None = None
 
 
 def knn_merge(x: torch.Tensor, merge_count: int, neighbors: int) -> tuple[torch.Tensor, TokenMerge]:
@@ -88,18 +90,55 @@ def knn_merge(x: torch.Tensor, merge_count: int, neighbors: int) -> tuple[torch.
     is_source = torch.zeros(rows, n, dtype=torch.bool, device=x.device).scatter(1, sources, True)
     order = torch.arange(n, device=x.device).expand(rows, n) + is_source.long() * n
     kept = order.argsort(dim=1)[:, : n - r].sort(dim=1).values  # (rows, n - r)
-    # position of each kept token in the merged set
-    rank_of = torch.full((rows, n), -1, dtype=torch.long, device=x.device)
-    rank_of.scatter_(1, kept, torch.arange(n - r, device=x.device).expand(rows, n - r))
     # every token's representative: itself when kept, its most similar kept token when merged
     sim_to_kept = sim.masked_fill(is_source.unsqueeze(1), -3.0)
     nearest_kept = sim_to_kept.argmax(-1)  # (rows, n)
-    slot = torch.where(is_source, rank_of.gather(1, nearest_kept), rank_of)
-    sums = torch.zeros(rows, n - r, x.shape[-1], dtype=x.dtype, device=x.device)
+    return _average_into(x, is_source, kept, nearest_kept)
+
+
+def _average_into(
+    x: torch.Tensor, is_source: torch.Tensor, kept: torch.Tensor, representative: torch.Tensor
+) -> tuple[torch.Tensor, TokenMerge]:
+    """Average every source token (``is_source``, (rows, n)) into its ``representative`` (an index into
+    ``x`` of a kept token, (rows, n)); ``kept``: the kept tokens' indices, ascending, (rows, n - r)."""
+    rows, n, _ = x.shape
+    left = kept.shape[1]
+    rank_of = torch.full((rows, n), -1, dtype=torch.long, device=x.device)
+    rank_of.scatter_(1, kept, torch.arange(left, device=x.device).expand(rows, left))
+    slot = torch.where(is_source, rank_of.gather(1, representative), rank_of)
+    sums = torch.zeros(rows, left, x.shape[-1], dtype=x.dtype, device=x.device)
     sums.scatter_add_(1, slot.unsqueeze(-1).expand_as(x), x)
-    counts = torch.zeros(rows, n - r, dtype=x.dtype, device=x.device)
+    counts = torch.zeros(rows, left, dtype=x.dtype, device=x.device)
     counts.scatter_add_(1, slot, torch.ones(rows, n, dtype=x.dtype, device=x.device))
-    return sums / counts.unsqueeze(-1), TokenMerge(kept=kept, slot=slot)
+    return sums / counts.unsqueeze(-1), TokenMerge(kept=kept, slot=slot, sizes=counts)
+
+
+def static_bipartite_merge(
+    x: torch.Tensor, saliency: torch.Tensor, merge_count: int
+) -> tuple[torch.Tensor, TokenMerge]:
+    """ToMe-style bipartite merging within each row's static tokens.
+
+    The ``4 * merge_count`` least salient tokens of a row (``saliency``, (rows, n): the relative change
+    since the last real compute) are the candidates; alternate ones by saliency form sets A and B, each A
+    token finds its most similar B token (cosine), and the ``merge_count`` A tokens with the most similar
+    partners are averaged into them. Moving tokens never merge. Returns the merged tokens and the merge,
+    whose ``sizes`` give attention its proportional weights.
+    """
+    rows, n, _ = x.shape
+    r = min(merge_count, n // 2)
+    candidates = saliency.topk(min(n, 4 * r), dim=1, largest=False).indices  # least salient first
+    a, b = candidates[:, 0::2], candidates[:, 1::2]
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = gather_tokens(unit, a) @ gather_tokens(unit, b).transpose(1, 2)  # (rows, |A|, |B|)
+    best, partner = sim.max(-1)
+    chosen = best.topk(r, dim=1).indices  # the A tokens with the most similar partners
+    sources = a.gather(1, chosen)
+    targets = b.gather(1, partner.gather(1, chosen))
+    is_source = torch.zeros(rows, n, dtype=torch.bool, device=x.device).scatter(1, sources, True)
+    representative = torch.arange(n, device=x.device).expand(rows, n).scatter(1, sources, targets)
+    order = torch.arange(n, device=x.device).expand(rows, n) + is_source.long() * n
+    kept = order.argsort(dim=1)[:, : n - r].sort(dim=1).values
+    return _average_into(x, is_source, kept, representative)
 
 
 def knn_unmerge(

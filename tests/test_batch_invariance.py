@@ -15,8 +15,10 @@ MIXED = [
     DiTSample(label=2, seed=15, params=CacheParams(method="taylorseer", tolerance=1.0, max_skip_steps=2)),
     DiTSample(label=3, seed=16, params=CacheParams(method="teacache", tolerance=0.5)),
     DiTSample(label=5, seed=17, params=CacheParams(method="fbcache", tolerance=0.5)),
+    DiTSample(label=6, seed=18, params=CacheParams(tolerance=0.8, refresh_fraction=0.25), guidance=3.0),
+    DiTSample(label=8, seed=19, params=CacheParams(tolerance=0.5, refresh_fraction=0.5)),
 ]
-"""Every per-sample method, with and without token selection, in one batch."""
+"""Every per-sample method, with and without token selection and token refresh, in one batch."""
 
 
 def test_each_sample_in_a_mixed_batch_equals_its_solo_run(tiny_dit):

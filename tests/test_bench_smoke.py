@@ -86,6 +86,7 @@ def test_bench_cache_quick_on_a_tiny_model(tiny_dit_dir, tmp_path, capsys):
         "block_cache+token_selection",
         "block_cache+token_selection+merge",
         "block_cache+merge",
+        "block_cache+token_refresh",
         "uncalibrated",
     } <= ablations
     assert any(r["params"].get("implementation") == "fastcache per-sample" for r in rows if r["method"] == "taylorseer")

@@ -48,6 +48,10 @@ CACHEDIT_SETTINGS = (
 )
 ABLATION_MERGE_RATIO = 0.25
 ABLATION_MOTION_FRACTIONS = (0.75, 0.5)
+REFRESH_FRACTIONS = (0.125, 0.25)
+REFRESH_HORIZONS = (3, 4)
+"""Token refresh rows: these shares of tokens refreshed at every forecast step, on the block cache at the
+tolerances where a typical sample refreshes every 3 and 4 steps (compare with the sweep at equal MACs)."""
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,18 @@ def build_variants(
             {"setting": "ablation", "ablation": "block_cache+merge"},
         )
     )
+    refresh_tolerances = (
+        [round(drift_scale * h * h, 6) for h in REFRESH_HORIZONS] if drift_scale else list(UNCALIBRATED_TOLERANCES[2:4])
+    )
+    for t in refresh_tolerances:
+        for fraction in REFRESH_FRACTIONS:
+            variants.append(
+                fastcache(
+                    f"block cache + token refresh {fraction:g} (tau={t:g})",
+                    {"method": "fastcache", "tolerance": t, "refresh_fraction": fraction},
+                    {"setting": "ablation", "ablation": "block_cache+token_refresh"},
+                )
+            )
     variants.append(
         fastcache(
             f"uncalibrated (tau={tau:g})",

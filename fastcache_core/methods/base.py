@@ -13,6 +13,10 @@ Modes the loop knows how to run:
 * ``REUSE``: the last computed residual is added to the current input.
 * ``FIRST_BLOCK``: block 0 runs; the method then decides from block 0's residual change whether the
   tail is reused or runs too.
+* ``REFRESH``: the stack output is forecast, and a share of the image tokens (:meth:`CacheMethod.
+  refresh_fraction`) runs the whole stack, attending over the cached keys and values of the others
+  (``token_refresh.py``); their outputs correct the forecast until the next real compute. Families
+  without the attention processor for it (SD3, Flux) forecast instead.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 if TYPE_CHECKING:
     from fastcache_core.profile import CacheProfile
 
-COMPUTE, FORECAST, REUSE, FIRST_BLOCK = "compute", "forecast", "reuse", "first_block"
-MODES = (COMPUTE, FORECAST, REUSE, FIRST_BLOCK)
+COMPUTE, FORECAST, REUSE, FIRST_BLOCK, REFRESH = "compute", "forecast", "reuse", "first_block", "refresh"
+MODES = (COMPUTE, FORECAST, REUSE, FIRST_BLOCK, REFRESH)
 
 INPUT_CHANGE = "input_change"
 """A probe: the relative L1 change of the first block's timestep-modulated input since the sample's
@@ -68,6 +72,8 @@ class RequestSettings(Protocol):
     def merge_ratio(self) -> float: ...
     @property
     def max_skip_steps(self) -> int: ...
+    @property
+    def refresh_fraction(self) -> float: ...
 
 
 class SampleView(Protocol):
@@ -145,6 +151,11 @@ class CacheMethod:
     def token_plan(self, sample: SampleView) -> TokenPlan | None:
         """How real computes select or merge tokens; ``None``: every token runs every block."""
         return None
+
+    def refresh_fraction(self, sample: SampleView) -> float:
+        """``REFRESH`` mode: the share of image tokens refreshed (``0``: the method never refreshes tokens;
+        then real computes need not keep keys and values)."""
+        return 0.0
 
     def keeps_inputs(self, sample: SampleView) -> bool:
         """Whether real computes must store the stack input (residual reuse needs it)."""

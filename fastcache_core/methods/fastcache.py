@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from fastcache_core.methods.base import (
     COMPUTE,
     FORECAST,
+    REFRESH,
     CacheMethod,
     MethodContext,
     RequestSettings,
@@ -100,12 +101,15 @@ class FastCacheParams:
         significance: alpha of the per-sample chi-square test.
         max_skip_steps: the most consecutive forecast steps between two real computes.
         tokens: token selection and merging of real computes, or ``None`` (every token computes).
+        refresh_fraction: share of the image tokens refreshed at each forecast step (``0``: none; not
+            combined with token selection or merging, which then win).
     """
 
     tolerance: float
     significance: float
     max_skip_steps: int
     tokens: TokenPlan | None
+    refresh_fraction: float = 0.0
 
 
 @dataclass
@@ -179,6 +183,7 @@ class FastCache(CacheMethod):
         "motion_fraction",
         "merge_ratio",
         "max_skip_steps",
+        "refresh_fraction",
     )
     summary = "FastCache: per-sample forecast, windows in sampler time, a chi-square test per sample"
 
@@ -186,7 +191,8 @@ class FastCache(CacheMethod):
         r = resolved
         spatial = r.motion_threshold > 0.0 or r.motion_fraction < 1.0 or r.merge_ratio > 0.0
         tokens = TokenPlan(r.motion_threshold, r.motion_fraction, r.merge_ratio, r.max_skip_steps) if spatial else None
-        return FastCacheParams(r.tolerance, r.significance, r.max_skip_steps, tokens)
+        refresh = 0.0 if tokens is not None else r.refresh_fraction
+        return FastCacheParams(r.tolerance, r.significance, r.max_skip_steps, tokens, refresh)
 
     def new_state(self, params: FastCacheParams) -> FastCacheState:
         return FastCacheState()
@@ -203,7 +209,13 @@ class FastCache(CacheMethod):
             return COMPUTE
         if progress < state.warmup - _EPS or sample.step - sample.last_compute > params.max_skip_steps:
             return COMPUTE
-        return COMPUTE if due(progress, previous, state.target, state.nearest) else FORECAST
+        if due(progress, previous, state.target, state.nearest):
+            return COMPUTE
+        return REFRESH if params.refresh_fraction > 0.0 else FORECAST
+
+    def refresh_fraction(self, sample: SampleView) -> float:
+        params: FastCacheParams = sample.method_params
+        return params.refresh_fraction
 
     def forecast_gain(self, sample: SampleView, context: MethodContext) -> float:
         return context.profile.gain(sample.phase)

@@ -41,6 +41,7 @@ class CacheSettings(BaseModel):
     motion_fraction: float | None = _cache_field("motion_fraction")
     merge_ratio: float | None = _cache_field("merge_ratio")
     max_skip_steps: int | None = _cache_field("max_skip_steps")
+    refresh_fraction: float | None = _cache_field("refresh_fraction")
 
     @field_validator("method")
     @classmethod
