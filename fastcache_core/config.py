@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 REFRESH_SCORES = ("forecast_error", "input_change", "slope")
 """How a token refresh picks its tokens (``FastCacheConfig.refresh_score``)."""
 REFRESH_CONTEXTS = ("kept", "forecast", "none")
-"""How a token refresh picks its tokens (``FastCacheConfig.refresh_score``)."""
+"""What the tokens of a token refresh attend to (``FastCacheConfig.refresh_context``)."""
 
 
 def __getattr__(name: str) -> Any:
