@@ -139,10 +139,8 @@ class FamilyRunner:
 
     @torch.no_grad()
     def forward(self, samples: list[Sample], cache: FastCache | None) -> list[torch.Tensor]:
-        """One transformer forward for all ``samples``; returns each sample's guided model output.
-
-        ``cache``: the FastCache attached to the transformer, told which sample each batch row is
-        (``None``: the transformer runs without one, as ``bench.shapes``' uncached reference does)."""
+        """One transformer forward for all ``samples``; each sample's guided model output. ``cache`` is told
+        which sample each row is (``None``: no cache is attached, as in ``bench.shapes``' reference)."""
         rows: list[tuple[Hashable, int]] = []
         latents: list[torch.Tensor] = []
         timesteps: list[torch.Tensor] = []
@@ -160,15 +158,14 @@ class FamilyRunner:
                 timesteps.append(self.model_timestep(s))
                 for name, value in cond.items():
                     conds.setdefault(name, []).append(value)
-        if cache is not None:
-            cache.bind(rows)
+        bind = cache.bind if cache is not None else (lambda rows: None)
+        bind(rows)
         try:
             output = self.call_transformer(
                 torch.cat(latents), torch.cat(timesteps), {k: torch.cat(v) for k, v in conds.items()}, samples[0]
             )
         finally:
-            if cache is not None:
-                cache.bind(None)
+            bind(None)
         results = []
         for s in samples:
             out = output[rows.index((s.sample_id, 0))][None]
