@@ -1,19 +1,21 @@
 """``python -m bench.shapes``: FastCache and the engine at published model shapes (random weights).
 
-Per shape (``catalog.py``), on one image (``--images``) of ``--steps`` steps, each timed run of the
-uncached reference, FastCache at tolerance 0 and FastCache at ``--tolerance`` interleaved (order
-alternating) ``--repeats`` times:
+Per shape (``catalog.py``), on ``--images`` images of ``--steps`` steps, the uncached reference,
+FastCache at tolerance 0 and FastCache at ``--tolerance`` run in lockstep (one step of each back to
+back, the order rotating every step; ``measure.interleaved``), ``--repeats`` times:
 
 * ``uncached_seconds_per_step``: the engine's loop (``FamilyRunner.forward`` + scheduler step) with
   no cache attached, per denoising step (prompt encoding and decoding not included);
-* ``tolerance0_overhead_fraction``: ``1 - uncached / tolerance-0 wall-clock``: FastCache computing
-  every step, i.e. its bookkeeping alone;
+* ``tolerance0_overhead_fraction``: the median over paired steps of ``1 - uncached / tolerance-0``
+  step time: FastCache computing every step, i.e. its bookkeeping alone;
 * ``mac_fraction``, ``speedup``, ``wallclock_efficiency``: FastCache at ``--tolerance``: its measured
   MAC fraction, uncached / cached wall-clock (median over repeats), and their product (1.0: every
   saved MAC became saved time);
 * ``overhead_fraction``: ``bench.cache``'s figure (timers in every block; one more run each);
 * ``cache_state_bytes_per_image``: the cache's pooled tensors per row slot times the image's rows,
   and its share of the published model's weights;
+* ``peak_mem_bytes``: over the lockstep runs, CUDA's ``max_memory_allocated``, or on CPU the
+  process's peak RSS (weights included: an upper bound);
 * ``first_call_extra_seconds``: what the cache's first step adds once (its block cost model);
 * ``batches``: seconds per image and step, uncached and at tolerance 0, at each ``--batches`` size,
   and the pool's bytes;
