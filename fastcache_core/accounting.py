@@ -75,14 +75,14 @@ class StepAccounting:
 
     def stack_macs_partial(self, queries: int, tokens: int) -> float:
         """Measured MACs of the stack on one row when ``queries`` of ``tokens`` tokens run, attending over all."""
-        self.stack_macs(tokens)
-        call, image, text = self._measure_args()
-        key = (None, image.shape[1], None if text is None else text.shape[1], image.shape[-1], image.dtype)
-        return self.costs.partial_macs(key, queries, tokens, lambda n: None, tokens)
+        self.stack_macs(tokens)  # fits this shape's cost model if it is new
+        return self.costs.partial_macs(self._shape_key(None), queries, tokens)
 
-    def _measure_args(self) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
+    def _shape_key(self, stop: int | None) -> tuple[Any, ...]:
+        """The cost model's key: blocks ``0..stop`` at this step's token counts, width and dtype."""
         assert self._call is not None
-        return self._call
+        _, image, text = self._call
+        return (stop, image.shape[1], None if text is None else text.shape[1], image.shape[-1], image.dtype)
 
     def stack_macs(self, tokens: int, stop: int | None = None) -> float:
         """Measured MACs of blocks ``0..stop`` on one row with ``tokens`` image tokens (BlockCostModel)."""
@@ -90,11 +90,10 @@ class StepAccounting:
         call, image, text = self._call
         runner = self.runner
         full_tokens = image.shape[1]
-        key = (stop, full_tokens, None if text is None else text.shape[1], image.shape[-1], image.dtype)
 
         def measure(n: int) -> None:
             first = runner.indices.index([0], image.device)
             positions = torch.arange(n, device=image.device)[None] if runner.adapter.needs_shared_positions else None
             runner.blocks_run(call, first, image[:1, :n], None if text is None else text[:1], positions, 0, stop)
 
-        return self.costs.macs(key, tokens, measure, full_tokens)
+        return self.costs.macs(self._shape_key(stop), tokens, measure, full_tokens)

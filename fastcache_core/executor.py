@@ -68,18 +68,18 @@ class BlockExecutor:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run blocks ``start..stop`` really on the rows ``index`` of the batch (``None``: all rows);
         ``record_kv``: every token of every row runs, and their keys and values are kept for token refreshes."""
+        if not (record_kv and self.supports_refresh):
+            return self._run_blocks(call, index, image, text, positions, start, stop)
         step = self.step
         assert step is not None
-        if record_kv and self.supports_refresh:
-            self.kv.install(self.self_attentions())
-            batch_slots = self.indices.tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
-            slots = take(batch_slots, index)
-            gap = None
-            if self.config.refresh_context == "forecast" and step.times is not None:
-                gap = self.history.inverse_gap(slots, take(step.times, index))
-            with self.kv.recording(slots, gap):
-                return self._run_blocks(call, index, image, text, positions, start, stop)
-        return self._run_blocks(call, index, image, text, positions, start, stop)
+        self.kv.install(self.self_attentions())
+        batch_slots = self.indices.tensor(tuple(r.slot for r in step.rows), image.device, torch.long)
+        slots = take(batch_slots, index)
+        gap = None
+        if self.config.refresh_context == "forecast" and step.times is not None:
+            gap = self.history.inverse_gap(slots, take(step.times, index))
+        with self.kv.recording(slots, gap):
+            return self._run_blocks(call, index, image, text, positions, start, stop)
 
     def _run_blocks(
         self,

@@ -107,12 +107,10 @@ class BlockCostModel:
         a, b, c = coeffs
         return a + b * tokens + c * tokens * tokens
 
-    def partial_macs(
-        self, key: Hashable, queries: int, keys: int, measure: Callable[[int], object], full_tokens: int
-    ) -> float:
-        """MACs with ``queries`` tokens run against ``keys`` attention keys (a token refresh): the linear
-        layers scale with the queries, the attention with queries x keys."""
-        self.macs(key, full_tokens, measure, full_tokens)
+    def partial_macs(self, key: Hashable, queries: int, keys: int) -> float:
+        """MACs with ``queries`` tokens run against ``keys`` attention keys (a token refresh), from the fit
+        of ``key`` (measured first by :meth:`macs`): the linear layers scale with the queries, the
+        attention with queries x keys."""
         a, b, c = self._coefficients[key]
         return a + b * queries + c * queries * keys
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models.pipeline_io import load_dit_pipeline
-from service.engine.families import SERVING_DEFAULTS_FILE, runner_for
+from service.engine.families import runner_for
+from service.engine.serving_defaults import SERVING_DEFAULTS_FILE
 
 
 def runner(path):
