@@ -8,13 +8,14 @@
    in ``P (Y_t - Y_{t-h}) ~ g P (Y_{t-h} - Y_{t-2h})``, and TeaCache's (input change, output change)
    points. Memory holds one small window per batch row: it does not grow with steps or blocks.
 2. **Profile.** The one-step error is the phase's noise floor; the error above it grows like
-   ``drift * h^2``; the mean drift sets the horizon a tolerance asks for, and each phase's tolerance
-   weight is its drift relative to the mean; the mean drift per squared step times the step count
-   squared is the window scale of FastCache's rule in normalized time.
+   ``drift * h^2``; each phase's tolerance weight is its drift relative to the mean; the mean drift
+   per squared step times the step count squared is the window scale of FastCache's rule in
+   normalized time (the window a tolerance asks for).
 3. **Tune end to end, on a grid** (``calibration_tune.py``): measure the reuse velocity of FastCache's
-   per-sample test, then sweep rule variants (test on/off, unit/fitted gain) x tolerances over a grid
-   of step counts and guidance scales on tuning seeds; keep the variant and default tolerance that
-   compute least while every cell keeps ``target_psnr`` (mean) and ``floor_psnr`` (worst image).
+   per-sample test, then sweep rule variants (warm-up, test on/off, unit/fitted gain) x tolerances
+   over a grid of step counts and guidance scales on tuning seeds; keep the variant and default
+   tolerance that compute least while every cell keeps ``target_psnr`` (mean) and ``floor_psnr``
+   (worst image).
 
 Seeds: the fit uses ``FIT_SEED`` (10,000) and up, the tuning ``FIT_SEED + TUNE_SEED_OFFSET`` (20,000)
 and up; benchmarks use seeds from 0, so no benchmark image was seen by calibration.
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from fastcache_core.adapters import adapter_for
 from fastcache_core.calibration_fit import FitStatistics, StreamingRecorder
 from fastcache_core.calibration_tune import (
+    DEFAULT_WARMUPS,
     DEFAULT_WINDOWS,
     UNCAPPED_SKIP_STEPS,
     format_grid,
@@ -108,6 +110,7 @@ def calibrate(
     target_psnr: float = 40.0,
     floor_psnr: float = 31.0,
     windows: Sequence[float] = DEFAULT_WINDOWS,
+    warmups: Sequence[float] = DEFAULT_WARMUPS,
     gain_modes: Sequence[str] = ("unit", "fitted"),
     grid_steps: Sequence[int] = (20, 50, 100),
     grid_guidance: Sequence[float] | None = None,
@@ -129,6 +132,7 @@ def calibrate(
         target_psnr: every grid cell's mean PSNR against uncached images the default must keep.
         floor_psnr: every grid cell's worst image the default must keep.
         windows: the sweep's tolerances, as the windows (normalized time) a typical sample keeps.
+        warmups: the warm-ups (share of the run, from pure noise, computed in full) the sweep tries.
         gain_modes: the forecast gains the sweep compares: ``"unit"`` (Taylor's first order) and/or
             ``"fitted"`` (the least-squares gain per phase).
         grid_steps: step counts of the tuning grid.
@@ -198,6 +202,7 @@ def calibrate(
             guidance_scale,
             [(s, g) for g in cells_guidance for s in grid_steps],
             windows,
+            warmups,
             gain_modes,
             target_psnr,
             floor_psnr,
@@ -230,13 +235,15 @@ def _tune(
     guidance: float | None,
     cells: list[tuple[int, float]],
     windows: Sequence[float],
+    warmups: Sequence[float],
     gain_modes: Sequence[str],
     target_psnr: float,
     floor_psnr: float,
     seed: int,
     progress: bool,
 ) -> CacheProfile:
-    """Measure the test's reuse velocity, sweep the grid, keep the chosen variant and default."""
+    """Measure the test's reuse velocity at each warm-up, sweep the grid, keep the chosen variant and
+    default."""
     from fastcache_core.cache import apply_fastcache
     from fastcache_core.config import CacheParams, FastCacheConfig
 
@@ -260,13 +267,22 @@ def _tune(
 
     window_scale = base.rule_constants["window_scale"]
     typical = window_scale * 0.14**2
-    velocity = reuse_velocity(run, base, steps, guidance or 0.0, min(1.0, typical))
     tolerances = sorted({round(window_scale * h * h, 6) for h in windows if window_scale * h * h <= 1.0})
-    variants = rule_variants(base, gains, velocity, gain_modes)
+    variants: dict[str, CacheProfile] = {}
+    velocities: dict[str, float | None] = {}
+    for warmup in warmups:
+        velocity = reuse_velocity(run, base, steps, guidance or 0.0, min(1.0, typical), warmup)
+        found = rule_variants(base, gains, velocity, gain_modes, warmup)
+        variants.update(found)
+        velocities.update(dict.fromkeys(found, velocity))
     sweep = sweep_grid(run, variants, tolerances, cells, target_psnr, floor_psnr, progress)
     chosen = sweep.chosen
     tuned = variants[chosen["variant"]]
-    report.rule = {**chosen, "constants": tuned.metadata["fastcache_rule"], "measured_reuse_velocity": velocity}
+    report.rule = {
+        **chosen,
+        "constants": tuned.metadata["fastcache_rule"],
+        "measured_reuse_velocity": velocities[chosen["variant"]],
+    }
     report.default_params = {
         "method": "fastcache",
         "tolerance": chosen["tolerance"],
@@ -321,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(f"{w:g}" for w in DEFAULT_WINDOWS),
         help="windows (normalized time) whose tolerances the sweep tries",
     )
+    parser.add_argument(
+        "--warmups",
+        default=",".join(f"{w:g}" for w in DEFAULT_WARMUPS),
+        help="warm-ups (share of the run computed in full before any forecast) the sweep tries",
+    )
     parser.add_argument("--gains", default="unit,fitted", help="forecast gains the sweep compares (unit,fitted)")
     parser.add_argument(
         "--grid-guidance", default=None, help="guidance scales of the tuning grid (default: --guidance-scale and 4)"
@@ -337,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.model).is_dir():
         parser.error(f"{args.model} is not a directory")
+    try:
+        warmups = [float(v) for v in args.warmups.split(",")]
+    except ValueError:
+        parser.error(f"--warmups: {args.warmups!r} is not a comma list of numbers")
+    if any(not 0.0 <= w < 1.0 for w in warmups):
+        parser.error("--warmups: every warm-up is a share of the run in [0, 1)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides: dict[str, Any] = {}
     index = json.loads((Path(args.model) / "model_index.json").read_text())
@@ -355,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_psnr=args.floor_psnr,
         grid_steps=[int(v) for v in args.grid_steps.split(",")],
         windows=[float(v) for v in args.windows.split(",")],
+        warmups=warmups,
         gain_modes=args.gains.split(","),
         grid_guidance=[float(v) for v in args.grid_guidance.split(",")] if args.grid_guidance else None,
         tune_samples=args.tune_samples,

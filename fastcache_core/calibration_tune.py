@@ -5,13 +5,13 @@ variant and the default tolerance on a grid of step counts and guidance scales.
   seeds; each sample's guided reuse error at its second compute, per unit of normalized time, is
   measured (``drift_ratio`` against a provisional ``v = 1``); ``v`` is their median, so a typical
   sample of the calibration sits at ``r = 1``.
-* **Grid sweep.** For each rule variant (the per-sample test on or off; unit or fitted forecast gain)
-  and each candidate tolerance, every cell of the grid (steps x guidance) runs the tuning images and
-  is compared with the uncached images of the same seeds. A variant's default tolerance is the
-  largest one whose every cell keeps a mean PSNR of at least ``target_psnr`` and a worst image of at
-  least ``floor_psnr``; the variant kept is the one that computes least (grid-average MAC fraction)
-  at its default, ties to the better worst cell. So the default is chosen where it runs: on every
-  cell of the grid, not at one operating point.
+* **Grid sweep.** For each rule variant (a warm-up: the share of the run computed in full first; the
+  per-sample test on or off; unit or fitted forecast gain) and each candidate tolerance, every cell
+  of the grid (steps x guidance) runs the tuning images and is compared with the uncached images of
+  the same seeds. A variant's default tolerance is the largest one whose every cell keeps a mean PSNR
+  of at least ``target_psnr`` and a worst image of at least ``floor_psnr``; the variant kept is the
+  one that computes least (grid-average MAC fraction) at its default, ties to the better worst cell.
+  So the default is chosen where it runs: on every cell of the grid, not at one operating point.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from fastcache_core.profile import CacheProfile
 
 DEFAULT_WINDOWS = (0.06, 0.08, 0.10, 0.12, 0.14, 0.17, 0.20, 0.24)
 """Windows (normalized time) a typical sample keeps at the swept tolerances (``window_scale h^2``)."""
+DEFAULT_WARMUPS = (0.0, 0.4)
+"""Warm-ups (share of the run computed in full) the sweep tries: none, and the 0.4 a model whose
+composition is decided early needs (measured on the canvas model: forecasting in the first 40% of
+the run makes a different image there, and only there)."""
 UNCAPPED_SKIP_STEPS = 100
 """FastCache's calibrated ``max_skip_steps``: windows are counted in time, not capped in steps."""
 
@@ -46,10 +50,11 @@ RunImages = Callable[[int, float, CacheProfile | None, float], tuple[torch.Tenso
 
 
 def reuse_velocity(
-    run: RunImages, profile: CacheProfile, steps: int, guidance: float, tolerance: float
+    run: RunImages, profile: CacheProfile, steps: int, guidance: float, tolerance: float, warmup: float = 0.0
 ) -> float | None:
-    """The median guided reuse error per unit of normalized time of the tuning samples (``v``)."""
-    probe = _with_rule(profile, {"reuse_velocity": 1.0})
+    """The median guided reuse error per unit of normalized time of the tuning samples (``v``), with the
+    rule's ``warmup`` (with one the test's second compute is the next step, so ``v`` is measured so)."""
+    probe = _with_rule(profile, {"reuse_velocity": 1.0, "warmup": warmup})
     _, stats = run(steps, guidance, probe, tolerance)
     ratios = [s.details["drift_ratio"] for s in stats if s.details.get("drift_ratio")]
     return float(statistics.median(ratios)) if ratios else None
@@ -125,18 +130,23 @@ def _with_rule(profile: CacheProfile, changes: dict[str, Any]) -> CacheProfile:
 
 
 def rule_variants(
-    profile: CacheProfile, gains: torch.Tensor, velocity: float | None, gain_modes: Sequence[str] = ("unit", "fitted")
+    profile: CacheProfile,
+    gains: torch.Tensor,
+    velocity: float | None,
+    gain_modes: Sequence[str] = ("unit", "fitted"),
+    warmup: float = 0.0,
 ) -> dict[str, CacheProfile]:
-    """The variants the sweep compares: the test on (when a velocity was measured) or off, each gain of
-    ``gain_modes`` (unit or fitted)."""
+    """The variants the sweep compares at one ``warmup``: the test on (when a velocity was measured) or
+    off, each gain of ``gain_modes`` (unit or fitted). Names carry the warm-up when there is one."""
     variants: dict[str, CacheProfile] = {}
     known = {"unit": None, "fitted": gains}
+    suffix = f", warm-up {warmup:g}" if warmup > 0.0 else ""
     for test in [True, False] if velocity else [False]:
         for gain_name in gain_modes:
             gain = known[gain_name]
-            variant = _with_rule(profile, {"reuse_velocity": velocity if test else None})
+            variant = _with_rule(profile, {"reuse_velocity": velocity if test else None, "warmup": warmup})
             variant.forecast_gain = gain
-            variants[f"test {'on' if test else 'off'}, {gain_name} gain"] = variant
+            variants[f"test {'on' if test else 'off'}, {gain_name} gain{suffix}"] = variant
     return variants
 
 

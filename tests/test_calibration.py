@@ -106,11 +106,21 @@ def test_calibration_is_saved_beside_the_model_and_its_default_is_loaded(tiny_di
     pipe = DiTPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     _, report = calibrate(
-        pipe, tune_samples=2, windows=(0.2, 0.3), grid_steps=(6, 10), target_psnr=10.0, floor_psnr=5.0, **SETTINGS
+        pipe,
+        tune_samples=2,
+        windows=(0.2, 0.3),
+        warmups=(0.0, 0.5),
+        grid_steps=(6, 10),
+        target_psnr=10.0,
+        floor_psnr=5.0,
+        **SETTINGS,
     )
     assert (tmp_path / "transformer" / CALIBRATION_FILENAME).is_file()
     variants = {row["variant"] for row in report.grid_sweep}
-    assert variants == {"test on, unit gain", "test on, fitted gain", "test off, unit gain", "test off, fitted gain"}
+    plain = {"test on, unit gain", "test on, fitted gain", "test off, unit gain", "test off, fitted gain"}
+    assert variants == plain | {f"{name}, warm-up 0.5" for name in plain}, "each warm-up is swept"
+    chosen_warmup = 0.5 if report.rule["variant"].endswith("warm-up 0.5") else 0.0
+    assert report.rule["constants"]["warmup"] == chosen_warmup, "the chosen warm-up is the profile's"
     cells = {(row["steps"], row["guidance"]) for row in report.grid_sweep}
     assert cells == {(6, 2.0), (10, 2.0), (6, 4.0), (10, 4.0)}, "the tuning grid spans step counts and guidance"
     assert report.rule["measured_reuse_velocity"] > 0

@@ -19,8 +19,9 @@ from bench.cache.variant import Variant
 
 METHOD_NAMES = ("none", "fastcache", "fbcache", "teacache", "taylorseer", "pab", "magcache", "seacache", "cachedit")
 SWEEP_HORIZONS = (2, 3, 4, 5, 6, 7, 8)
-"""Default FastCache sweep of a calibrated model: the tolerances at which a typical sample settles at
-these horizons (``tolerance = drift_scale * h^2``, see ``fastcache_core.decisions``)."""
+"""Default FastCache sweep of a calibrated model: the tolerances whose window is this many steps at the
+calibration's step count (``tolerance = drift_scale * h^2`` = ``window_scale * (h / steps)^2``; the rule
+is in ``fastcache_core.methods.fastcache``)."""
 UNCALIBRATED_TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
 DEFAULT_TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2)
 FBCACHE_THRESHOLDS = (0.05, 0.1)
