@@ -358,10 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.model).is_dir():
         parser.error(f"{args.model} is not a directory")
-    try:
-        warmups = [float(v) for v in args.warmups.split(",")]
-    except ValueError:
-        parser.error(f"--warmups: {args.warmups!r} is not a comma list of numbers")
+
+    def numbers(flag: str, text: str, kind: type[float] | type[int] = float) -> list[Any]:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            parser.error(f"{flag}: {text!r} is not a comma list of {kind.__name__} values")
+
+    grid_steps = numbers("--grid-steps", args.grid_steps, int)
+    windows = numbers("--windows", args.windows)
+    grid_guidance = numbers("--grid-guidance", args.grid_guidance) if args.grid_guidance else None
+    warmups = numbers("--warmups", args.warmups)
     if any(not 0.0 <= w < 1.0 for w in warmups):
         parser.error("--warmups: every warm-up is a share of the run in [0, 1)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -380,11 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scale=args.guidance_scale,
         target_psnr=args.target_psnr,
         floor_psnr=args.floor_psnr,
-        grid_steps=[int(v) for v in args.grid_steps.split(",")],
-        windows=[float(v) for v in args.windows.split(",")],
+        grid_steps=grid_steps,
+        windows=windows,
         warmups=warmups,
         gain_modes=args.gains.split(","),
-        grid_guidance=[float(v) for v in args.grid_guidance.split(",")] if args.grid_guidance else None,
+        grid_guidance=grid_guidance,
         tune_samples=args.tune_samples,
         tune_defaults=not args.no_tune,
         save_to=args.out,

@@ -197,3 +197,20 @@ def test_fastcache_calibrate_refuses_a_missing_directory(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--warmups", "0,0.4,abc", "--warmups: '0,0.4,abc' is not a comma list of float values"),
+        ("--warmups", "0,1.5", "--warmups: every warm-up is a share of the run in [0, 1)"),
+        ("--grid-steps", "20,fifty", "--grid-steps: '20,fifty' is not a comma list of int values"),
+    ],
+)
+def test_fastcache_calibrate_names_the_option_it_cannot_read(tiny_dit_dir, capsys, flag, value, message):
+    from fastcache_core.calibration import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_dit_dir), flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
